@@ -1,0 +1,50 @@
+# kdflax: `make demo` and `make test` work on a fresh clone; each creates .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+# Tests and the demo run on the CPU even where a GPU is visible.
+export JAX_PLATFORMS ?= cpu
+# Number of pytest workers (2 cores in CI).
+TEST_WORKERS ?= 2
+
+.PHONY: demo test bench lint lock clean venv venv-full
+
+# Base install: what `make demo` needs (JAX side, TensorFlow for data and export).
+$(VENV)/.base-installed: pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade "pip>=24"
+	$(PIP) -e .
+	touch $@
+
+# Full install: adds the dev tools and the PyTorch side (timm parity tests, peer benchmarks).
+$(VENV)/.full-installed: $(VENV)/.base-installed
+	$(PIP) -e '.[dev,torch]'
+	touch $@
+
+venv: $(VENV)/.base-installed
+venv-full: $(VENV)/.full-installed
+
+demo: $(VENV)/.base-installed
+	$(VENV)/bin/kdflax demo
+
+test: $(VENV)/.full-installed
+	$(PY) -m pytest -n $(TEST_WORKERS) --timeout 900 --durations 15 $(PYTEST_ARGS)
+
+bench: $(VENV)/.full-installed
+	$(PY) tools/bench_models.py
+
+lint: $(VENV)/.full-installed
+	$(VENV)/bin/ruff check kdflax tests tools configs
+
+# Re-resolve the pinned set after editing pyproject.toml ranges.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q -e '.[dev,torch]'
+	(head -2 requirements/constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -vi '^kdflax') > requirements/constraints.txt.new
+	mv requirements/constraints.txt.new requirements/constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,53 @@
+"""`kdflax` command-line entry point.
+
+    kdflax <command> [flags]      e.g. kdflax distill --config configs/quickstart.py --workdir runs/x
+
+Each command lives in `kdflax/commands/<command>.py` and exposes `main(argv) -> int`; it is
+imported only when called, so `kdflax --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    'teacher': ('train', 'fine-tune the teacher on the configured data'),
+    'student': ('train', 'train the baseline student (no teacher)'),
+    'distill': ('train', 'distil a teacher into the student'),
+    'eval': ('evaluate', 'evaluate a model directory or workdir on a split'),
+    'pipeline': ('pipeline', 'teacher -> baseline -> distil -> export -> report'),
+    'export': ('export', 'export a model to .tflite (fp32 / fp16 / int8) with a parity check'),
+    'predict': ('predict', 'classify images with a .tflite file or a model directory'),
+    'convert': ('convert', 'convert a timm / Hugging Face PyTorch checkpoint to a model dir'),
+    'info': ('info', 'params, GMACs and sown intermediates of registered models'),
+    'demo': ('demo', 'forward every preset on bundled leaf photos and print a table'),
+}
+
+
+def _usage() -> str:
+  width = max(map(len, COMMANDS))
+  lines = ['usage: kdflax <command> [flags]   (kdflax <command> --help for its flags)', '',
+           'commands:']
+  lines += [f'  {name:<{width}}  {text}' for name, (_, text) in COMMANDS.items()]
+  return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Dispatches `argv[0]` to its command module; returns the process exit code."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ('-h', '--help', 'help'):
+    print(_usage())
+    return 0
+  command, rest = argv[0], argv[1:]
+  if command not in COMMANDS:
+    print(f'kdflax: unknown command {command!r}\n\n{_usage()}', file=sys.stderr)
+    return 2
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  module = importlib.import_module(f'kdflax.commands.{COMMANDS[command][0]}')
+  return int(module.main([command, *rest]) or 0)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `kdflax` sub-command; each exposes `main(argv) -> int`."""

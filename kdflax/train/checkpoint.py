@@ -1,0 +1,123 @@
+"""Self-describing model checkpoints: Flax variables (Orbax) + `model.json`.
+
+A model directory is what `kdflax convert` writes, what the trainer exports as its best/final
+model, and what `distill --teacher`, `export` and `predict` read:
+
+    DIR/model.json     {"model": name, "num_classes": K, "image_size": S, "labels": [...],
+                        "overrides": {...}}
+    DIR/variables/     Orbax checkpoint of {'params': ..., ['batch_stats': ...]}
+
+Writes are atomic: everything goes into a sibling temp directory that is renamed into place,
+so a crash never leaves a half-written model at DIR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kdflax.models import registry
+
+MODEL_JSON = 'model.json'
+VARIABLES_DIR = 'variables'
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """What a model directory says about its model."""
+
+  model: str
+  num_classes: int
+  image_size: int
+  labels: tuple[str, ...] = ()
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def create(self, **extra_overrides: Any):
+    """`(module, image_size)` for this model, via `create_model`."""
+    module, _ = registry.create_model(self.model, self.num_classes,
+                                      **{**dict(self.overrides), **extra_overrides})
+    return module, self.image_size
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+  old = None
+  if os.path.exists(final):
+    old = tempfile.mkdtemp(prefix=os.path.basename(final) + '.old-', dir=os.path.dirname(final))
+    os.rmdir(old)
+    os.rename(final, old)
+  os.rename(tmp, final)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(directory: str | os.PathLike, variables: Mapping[str, Any], model: str,
+               num_classes: int, image_size: int, labels: Sequence[str] = (),
+               overrides: Mapping[str, Any] | None = None) -> str:
+  """Writes `variables` and their description to `directory` atomically.
+
+  Args:
+    directory: destination; replaced if it exists.
+    variables: `{'params': ..., ['batch_stats': ...]}` of arrays (host or device).
+    model: registered model name.
+    num_classes: head size.
+    image_size: square input resolution the model was trained at.
+    labels: class names in label order (empty when unknown).
+    overrides: `create_model` overrides needed to rebuild the module (JSON-serialisable).
+
+  Returns:
+    The absolute directory path.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  if labels and len(labels) != num_classes:
+    raise ValueError(f'{directory}: {len(labels)} labels for {num_classes} classes')
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.tmp-', dir=parent)
+  try:
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(variables))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, VARIABLES_DIR), host)
+    checkpointer.wait_until_finished()
+    info = {'model': model, 'num_classes': int(num_classes), 'image_size': int(image_size),
+            'labels': list(labels), 'overrides': dict(overrides or {})}
+    with open(os.path.join(tmp, MODEL_JSON), 'w') as f:
+      json.dump(info, f, indent=2)
+    _replace_dir(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def read_model_info(directory: str | os.PathLike) -> ModelInfo:
+  """Parses `directory/model.json`; a one-line error if it is absent or malformed."""
+  path = os.path.join(os.fspath(directory), MODEL_JSON)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{directory}: not a kdflax model directory (no {MODEL_JSON})')
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+    info = ModelInfo(model=raw['model'], num_classes=int(raw['num_classes']),
+                     image_size=int(raw['image_size']), labels=tuple(raw.get('labels', ())),
+                     overrides=dict(raw.get('overrides', {})))
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'{path}: malformed model description ({type(e).__name__}: {e})') from None
+  registry.model_spec(info.model)  # unknown names fail here, with the list of known ones
+  return info
+
+
+def load_model(directory: str | os.PathLike) -> tuple[ModelInfo, dict[str, Any]]:
+  """Reads a model directory: `(info, variables)` with NumPy leaves."""
+  info = read_model_info(directory)
+  path = os.path.abspath(os.path.join(os.fspath(directory), VARIABLES_DIR))
+  variables = ocp.StandardCheckpointer().restore(path)
+  return info, jax.tree.map(np.asarray, variables)

@@ -1,0 +1,1 @@
+"""Test helpers (reference implementations run in subprocesses, fixtures)."""
