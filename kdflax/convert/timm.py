@@ -38,6 +38,7 @@ from kdflax.models.complexity import abstract_variables
 IGNORED_SUFFIXES = ('num_batches_tracked', 'relative_position_index', 'attn_mask')
 _WRAPPER_KEYS = ('state_dict', 'model', 'model_state', 'module', 'state_dict_ema', 'model_ema')
 _MAX_LISTED = 20
+_FAMILIES = ('swin', 'mobilenetv3', 'vit')
 
 
 class CheckpointError(ValueError):
@@ -139,7 +140,7 @@ def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray],
   converter = _family_converter(family)
   found_classes = converter.num_classes(state_dict)
   if found_classes is None:
-    families = [f for f in ('swin', 'mobilenetv3', 'vit')
+    families = [f for f in _FAMILIES
                 if f != family and _family_converter(f).num_classes(state_dict) is not None]
     hint = f'; it looks like a {families[0]} checkpoint' if families else ''
     raise CheckpointError(
