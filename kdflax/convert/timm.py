@@ -117,6 +117,26 @@ def _listing(title: str, items: list[str]) -> str:
   return f'{title} ({len(items)}): {", ".join(shown)}{more}'
 
 
+def infer_num_classes(name: str, state_dict: Mapping[str, np.ndarray],
+                      source: str = '<state dict>') -> int:
+  """Head size stored in a checkpoint for model `name`.
+
+  Raises:
+    CheckpointError: the state dict is not of `name`'s family (naming the family it looks
+      like, when it is one of ours).
+  """
+  family = registry.model_family(name)
+  found = _family_converter(family).num_classes(state_dict)
+  if found is None:
+    families = [f for f in _FAMILIES
+                if f != family and _family_converter(f).num_classes(state_dict) is not None]
+    hint = f'; it looks like a {families[0]} checkpoint' if families else ''
+    raise CheckpointError(
+        f'{source}: no {family} classifier weights found for model {name!r}{hint} '
+        f'(first keys: {", ".join(list(state_dict)[:5])})')
+  return int(found)
+
+
 def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray],
                        num_classes: int | None = None, source: str = '<state dict>',
                        **overrides: Any) -> dict[str, Any]:
@@ -136,18 +156,11 @@ def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray],
     CheckpointError: the checkpoint is of another family, or keys are missing, unexpected
       or of the wrong shape (all listed in one message).
   """
-  family = registry.model_family(name)
-  converter = _family_converter(family)
-  found_classes = converter.num_classes(state_dict)
-  if found_classes is None:
-    families = [f for f in _FAMILIES
-                if f != family and _family_converter(f).num_classes(state_dict) is not None]
-    hint = f'; it looks like a {families[0]} checkpoint' if families else ''
-    raise CheckpointError(
-        f'{source}: no {family} classifier weights found for model {name!r}{hint} '
-        f'(first keys: {", ".join(list(state_dict)[:5])})')
   if num_classes is None:
-    num_classes = found_classes
+    num_classes = infer_num_classes(name, state_dict, source)
+  else:
+    infer_num_classes(name, state_dict, source)  # rejects checkpoints of another family
+  converter = _family_converter(registry.model_family(name))
   module, image_size = registry.create_model(name, num_classes, **overrides)
   expected = {
       '/'.join(k): tuple(v.shape)
