@@ -49,10 +49,12 @@ def _mnv3(variant: str, width: float) -> ModelSpec:
 
 
 def _vit(image_size: int, embed_dim: int, depth: int, num_heads: int, patch_size: int = 16,
-         distilled: bool = False) -> ModelSpec:
-  return ModelSpec('vit', 'VisionTransformer', image_size, dict(
-      img_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-      num_heads=num_heads, distilled=distilled))
+         distilled: bool = False, inception_norm: bool = False) -> ModelSpec:
+  kwargs = dict(img_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, distilled=distilled)
+  if inception_norm:  # timm's vit_* pretrained_cfg: mean = std = 0.5 (DeiT uses ImageNet's)
+    kwargs.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+  return ModelSpec('vit', 'VisionTransformer', image_size, kwargs)
 
 
 _SWIN_SIZES = {  # name: (embed_dim, depths, heads)
@@ -75,7 +77,7 @@ for _variant in ('large', 'small'):
     MODELS[f'mobilenetv3_{_variant}_{int(_width * 100):03d}'] = _mnv3(_variant, _width)
 
 for _size, (_dim, _depth, _heads) in _VIT_SIZES.items():
-  MODELS[f'vit_{_size}_patch16_224'] = _vit(224, _dim, _depth, _heads)
+  MODELS[f'vit_{_size}_patch16_224'] = _vit(224, _dim, _depth, _heads, inception_norm=True)
   MODELS[f'deit_{_size}_patch16_224'] = _vit(224, _dim, _depth, _heads)
   MODELS[f'deit_{_size}_distilled_patch16_224'] = _vit(224, _dim, _depth, _heads, distilled=True)
 MODELS['deit_base_patch16_384'] = _vit(384, 768, 12, 12)
