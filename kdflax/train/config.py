@@ -1,0 +1,160 @@
+"""Run configuration: the base `ConfigDict`, loading with `--config.key=value` overrides, saving.
+
+Config files in `configs/` define `get_config()` that starts from `base_config()` and sets
+what differs. Sections:
+
+    seed          one integer for init, data order, augmentation, dropout and sampling
+    data          input pipeline (`kdflax.data.default_data_config()`)
+    model         the student: name, overrides (create_model fields), image_size (0: default),
+                  init_checkpoint (a model dir to start from; heads of another size re-init)
+    teacher       the teacher: name, overrides, image_size, init_checkpoint (for fine-tuning),
+                  checkpoint (model dir used by `distill`; empty: the pipeline's teacher stage),
+                  and its own `optim` and `train` sections for the `teacher` stage
+    loss          distillation objective (`kdflax.distill.objective.default_loss_config()`);
+                  the teacher and baseline stages use only its cross-entropy settings
+    optim         optimizer of the student stages (`kdflax.train.optim.default_optim_config()`)
+    train         lengths and intervals of the student stages (see `default_train_config`)
+    export        what `pipeline` exports at the end
+    distributed   multi-host set-up (`jax.distributed.initialize`)
+
+Every key can be overridden on the command line, e.g. `--config.optim.learning_rate=3e-4`;
+an unknown key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from kdflax.train.optim import default_optim_config
+
+RESOLVED_CONFIG = 'config.json'
+
+
+class ConfigError(ValueError):
+  """A config file or override is invalid."""
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """Keys of `config.train` (and `config.teacher.train`).
+
+  batch_size: global batch (all devices and processes); must divide by the device count.
+  eval_batch_size: global eval batch (0: batch_size).
+  num_epochs / num_steps: length; num_steps > 0 wins.
+  log_every, eval_every, checkpoint_every: in steps (0 for eval/checkpoint: once per epoch).
+  keep_checkpoints: how many recent checkpoints to keep.
+  compute_dtype: 'float32' or 'bfloat16' (params stay float32).
+  ema_decay: 0 disables the EMA of the weights; eval and export use the EMA when on.
+  progress: show a progress bar.
+  """
+  return ml_collections.ConfigDict(dict(
+      batch_size=64, eval_batch_size=0, num_epochs=10, num_steps=0, log_every=20,
+      eval_every=0, checkpoint_every=0, keep_checkpoints=2, compute_dtype='float32',
+      ema_decay=0.0, progress=True))
+
+
+def _model_section(name: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name=name, overrides=ml_collections.ConfigDict(), image_size=0, init_checkpoint=''))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every section with its defaults (see the module docstring)."""
+  from kdflax.data import default_data_config
+  from kdflax.distill.objective import default_loss_config
+
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = default_data_config()
+  config.model = _model_section('mobilenetv3_large_100')
+  config.teacher = _model_section('swin_tiny_patch4_window7_224')
+  config.teacher.checkpoint = ''
+  config.teacher.optim = default_optim_config()
+  config.teacher.train = default_train_config()
+  config.loss = default_loss_config()
+  config.optim = default_optim_config()
+  config.train = default_train_config()
+  config.export = ml_collections.ConfigDict(dict(
+      precisions=('fp32', 'int8'), calibration_images=64, enabled=True))
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address='', num_processes=1, process_id=0))
+  return config
+
+
+_OVERRIDE = re.compile(r'^--?config\.([A-Za-z0-9_.]+)(=.*)?$')
+
+
+def _check_override_keys(config: ml_collections.ConfigDict, argv: Sequence[str],
+                         source: str) -> None:
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if not match:
+      continue
+    node, walked = config, []
+    for part in match.group(1).split('.'):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        walked.append(part)
+        continue
+      if isinstance(node, ml_collections.ConfigDict) and walked and walked[-1] == 'overrides':
+        break  # create_model overrides are free-form; the registry validates them
+      where = '.'.join(walked) or 'the top level'
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise ConfigError(f'unknown config key {match.group(1)!r} in {arg!r} ({source}); '
+                        f'keys under {where}: {", ".join(known)}')
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path`'s `get_config()` and applies `--config.key=value` overrides.
+
+  Args:
+    path: a Python config file; `path:arg` passes `arg` to `get_config`.
+    overrides: command-line arguments; those that are not `--config.*` are ignored.
+
+  Raises:
+    ConfigError: missing/broken file, unknown key, or a value of the wrong type, in one line.
+  """
+  file_part = path.split(':', 1)[0]
+  if not os.path.isfile(file_part):
+    raise ConfigError(f'config file {file_part!r} does not exist')
+  argv = ['kdflax', f'--config={path}', *[a for a in overrides if _OVERRIDE.match(a)]]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
+                                  lock_config=True, sys_argv=argv,
+                                  accept_new_attributes=False)
+  try:
+    base = _load_without_overrides(path)
+  except Exception as e:  # noqa: BLE001 - a user's config file can raise anything.
+    raise ConfigError(f'{file_part}: get_config() failed: {type(e).__name__}: {e}') from None
+  _check_override_keys(base, argv[2:], file_part)
+  try:
+    values(argv)
+  except flags.Error as e:
+    raise ConfigError(f'{file_part}: {e}') from None
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f'{file_part}: bad override: {type(e).__name__}: {e}') from None
+  return values.config
+
+
+def _load_without_overrides(path: str) -> ml_collections.ConfigDict:
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
+                                  sys_argv=['kdflax', f'--config={path}'])
+  values(['kdflax', f'--config={path}'])
+  return values.config
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the resolved config to `workdir/config.json` (atomically); returns the path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, RESOLVED_CONFIG)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+  return path

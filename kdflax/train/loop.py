@@ -1,0 +1,255 @@
+"""The training loop: exact resume, periodic eval, best-model export, NaN guard, progress.
+
+`fit` drives an already-built train step over a deterministic batch stream:
+
+    result = fit(state, train_step, eval_step, teacher_variables, stream, options, workdir)
+
+- Checkpoints: an Orbax `CheckpointManager` under `workdir/checkpoints` saves the whole
+  `TrainState` every `checkpoint_every` steps and at the end, and on start restores the latest
+  one. The batch stream is a pure function of the step (see `kdflax.data`), and the state holds
+  the PRNG key, so a run killed at any point and restarted ends bit-identical to an
+  uninterrupted run.
+- Eval every `eval_every` steps and at the end; when val top-1 improves the model is written to
+  `workdir/model_best` (a model directory, see `kdflax.train.checkpoint`), and the last one to
+  `workdir/model_final`.
+- NaN/Inf guard: metrics are checked every `log_every` steps and before every checkpoint; a
+  non-finite loss stops the run with `NonFiniteLossError` and leaves the last good checkpoint.
+- Metrics: `workdir/metrics.jsonl` and TensorBoard, written by process 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from kdflax.train import checkpoint as model_io
+from kdflax.train.metrics import MetricWriter
+from kdflax.train.state import TrainState
+from kdflax.train.step import batch_sharding
+
+CHECKPOINT_DIR = 'checkpoints'
+BEST_MODEL_DIR = 'model_best'
+FINAL_MODEL_DIR = 'model_final'
+RESULTS_FILE = 'results.json'
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+  """How long to train and how often to log, evaluate and checkpoint (all in steps)."""
+
+  total_steps: int
+  steps_per_epoch: int
+  log_every: int = 50
+  eval_every: int = 0          # 0: once per epoch
+  checkpoint_every: int = 0    # 0: once per epoch
+  keep_checkpoints: int = 2
+  progress: bool = True
+  stop_after: int = 0          # > 0: return after this step (tests, time-boxed runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDescription:
+  """What `model_best` / `model_final` directories record about the trained model."""
+
+  name: str
+  num_classes: int
+  image_size: int
+  labels: tuple[str, ...] = ()
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Process-local NumPy batch -> global `jax.Array`s sharded on the 'data' axis.
+
+  With one process this is a plain device_put; with several, each process contributes its
+  rows (`jax.make_array_from_process_local_data`), the global batch being their concatenation
+  in process order.
+  """
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def evaluate(eval_step: Callable, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
+             mesh: Mesh) -> dict[str, float]:
+  """Top-1, top-5 and mean loss over all real examples of `batches` (padding masked out)."""
+  sums: dict[str, float] = {}
+  for batch in batches:
+    out = eval_step(variables, to_global(batch, mesh))
+    for k, v in jax.device_get(out).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  count = max(sums.get('count', 0.0), 1.0)
+  return {'top1': sums.get('top1', 0.0) / count, 'top5': sums.get('top5', 0.0) / count,
+          'loss': sums.get('loss', 0.0) / count, 'count': sums.get('count', 0.0)}
+
+
+def _is_finite(metrics: Mapping[str, float]) -> bool:
+  return all(math.isfinite(v) for v in metrics.values())
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, leave=True)
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  """The latest saved state, or `state` itself when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def _save_model(workdir: str, subdir: str, variables: Any, desc: ModelDescription) -> None:
+  if jax.process_index() != 0:
+    return
+  model_io.save_model(os.path.join(workdir, subdir), variables, desc.name, desc.num_classes,
+                      desc.image_size, desc.labels, desc.overrides)
+
+
+def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_variables: Any,
+        train_batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
+        eval_batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+        options: LoopOptions, workdir: str, mesh: Mesh, model: ModelDescription,
+        writer: MetricWriter | None = None, log: Callable[[str], None] = print
+        ) -> dict[str, Any]:
+  """Trains from the latest checkpoint in `workdir` (or from `state`) to `total_steps`.
+
+  Args:
+    state: a fresh state (its structure is the restore target).
+    train_step: `(state, teacher_variables, global_batch) -> (state, metrics)`.
+    eval_step: `(variables, global_batch) -> sums` (see `kdflax.train.step.make_eval_step`).
+    teacher_variables: replicated teacher variables, or None.
+    train_batches: `start_step -> iterator` of process-local batches for steps
+      `start_step, start_step + 1, ...`.
+    eval_batches: `() -> iterable` of process-local eval batches (with `mask`).
+    options: lengths and intervals.
+    workdir: where checkpoints, metrics and model directories go.
+    mesh: the device mesh of the step.
+    model: description written into the exported model directories.
+    writer: metric writer (default: one on `workdir`, process 0 only).
+    log: where one-line messages go.
+
+  Returns:
+    A summary: final and best val metrics, steps, images/s, wall time.
+
+  Raises:
+    NonFiniteLossError: the loss became NaN/Inf (nothing is saved from that point on).
+  """
+  is_main = jax.process_index() == 0
+  own_writer = writer is None
+  writer = writer or MetricWriter(workdir, enabled=is_main)
+  eval_every = options.eval_every or options.steps_per_epoch
+  ckpt_every = options.checkpoint_every or options.steps_per_epoch
+  manager = checkpoint_manager(workdir, options.keep_checkpoints)
+  state = restore_latest(manager, state)
+  start = int(jax.device_get(state.step))
+  results_path = os.path.join(workdir, RESULTS_FILE)
+  best = _read_json(results_path).get('best', {}) if start > 0 else {}
+  if start > 0:
+    log(f'resumed from step {start} ({os.path.join(workdir, CHECKPOINT_DIR)})')
+  end = options.total_steps if options.stop_after <= 0 else min(options.stop_after,
+                                                               options.total_steps)
+  bar = _progress(options.total_steps, start, options.progress and is_main)
+  pending: list[dict[str, jax.Array]] = []
+  images, t_last, t_begin = 0, time.perf_counter(), time.perf_counter()
+  last_eval: dict[str, float] = {}
+  step = start
+  try:
+    iterator = train_batches(start)
+    for step in range(start + 1, end + 1):
+      batch = next(iterator)
+      images += len(batch['label']) * jax.process_count()
+      state, metrics = train_step(state, teacher_variables, to_global(batch, mesh))
+      pending.append(metrics)
+      last = step == end
+      if step % options.log_every == 0 or step % ckpt_every == 0 or last:
+        host = [jax.device_get(m) for m in pending]
+        pending = []
+        mean = {f'train/{k}': float(np.mean([h[k] for h in host])) for k in host[0]}
+        if not _is_finite(mean):
+          raise NonFiniteLossError(
+              f'non-finite training metrics at step {step}: '
+              f'{ {k: v for k, v in mean.items() if not math.isfinite(v)} }; stopped, the last '
+              f'good checkpoint (step {manager.latest_step()}) is kept in '
+              f'{os.path.join(workdir, CHECKPOINT_DIR)}')
+        now = time.perf_counter()
+        mean['train/images_per_sec'] = images / max(now - t_last, 1e-9)
+        images, t_last = 0, now
+        writer.write(step, mean)
+        if bar is not None:
+          bar.set_postfix(loss=f'{mean["train/loss"]:.4f}', top1=f'{mean["train/top1"]:.3f}',
+                          refresh=False)
+      if step % eval_every == 0 or last:
+        last_eval = evaluate(eval_step, state.eval_variables, eval_batches(), mesh)
+        writer.write(step, {f'val/{k}': v for k, v in last_eval.items()})
+        if last_eval['top1'] > best.get('top1', -1.0):
+          best = {**last_eval, 'step': step}
+          _save_model(workdir, BEST_MODEL_DIR, state.eval_variables, model)
+        t_last, images = time.perf_counter(), 0  # eval time is not training throughput
+        if bar is not None:
+          bar.write(f'step {step}: val top1 {last_eval["top1"]:.4f} top5 '
+                    f'{last_eval["top5"]:.4f} loss {last_eval["loss"]:.4f} '
+                    f'(best {best["top1"]:.4f} @ {best["step"]})')
+      if step % ckpt_every == 0 or last:
+        manager.save(step, args=ocp.args.StandardSave(state))
+        if is_main:
+          _write_json(results_path, {'best': best, 'step': step})
+      if bar is not None:
+        bar.update(1)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    if bar is not None:
+      bar.close()
+    writer.flush()
+    if own_writer:
+      writer.close()
+
+  if step < options.total_steps:  # stopped early on purpose (stop_after)
+    return {'step': step, 'best': best, 'final': last_eval, 'stopped_early': True}
+  if not last_eval:  # resumed a finished run: evaluate once more for the summary
+    last_eval = evaluate(eval_step, state.eval_variables, eval_batches(), mesh)
+  _save_model(workdir, FINAL_MODEL_DIR, state.eval_variables, model)
+  summary = {'step': step, 'best': best, 'final': last_eval,
+             'wall_seconds': round(time.perf_counter() - t_begin, 2)}
+  if is_main:
+    _write_json(results_path, summary)
+  return summary
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj: Mapping[str, Any]) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)

@@ -1,0 +1,82 @@
+"""Metrics to TensorBoard event files and `metrics.jsonl`, from process 0 only.
+
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer.write(step, {'train/loss': 0.7, 'val/top1': 0.9})
+    writer.close()
+
+Each `write` appends one JSON line `{"step": s, "time": unix_seconds, key: value, ...}` and the
+same scalars to TensorBoard (tensorboardX). On resume the JSON file is appended to, so it holds
+the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def _scalar(value: Any) -> float | None:
+  try:
+    value = float(np.asarray(value))
+  except (TypeError, ValueError):
+    return None
+  return value
+
+
+class MetricWriter:
+  """Writes scalar metrics; a no-op on processes other than 0."""
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self._json = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._json = open(os.path.join(workdir, METRICS_FILE), 'a', buffering=1)
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), flush_secs=30)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Records `metrics` (name -> scalar) at `step`; non-scalars are skipped."""
+    if not self.enabled:
+      return
+    values = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
+    record = {'step': int(step), 'time': round(time.time(), 3)}
+    record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
+    self._json.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for k, v in values.items():
+        self._tb.add_scalar(k, v, int(step))
+
+  def flush(self) -> None:
+    if self._json:
+      self._json.flush()
+    if self._tb:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._json:
+      self._json.close()
+      self._json = None
+    if self._tb:
+      self._tb.close()
+      self._tb = None
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """All records of `workdir/metrics.jsonl`, in order."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
