@@ -9,9 +9,9 @@ device, see `helpers/timm_vit_facts.py`) filled with zeros.
 import jax
 import numpy as np
 import pytest
-
 from helpers.timm_reference_batch import timm_references
 from helpers.timm_vit_facts import timm_vit_facts
+
 from kdflax.convert import vit as convert_vit
 from kdflax.convert.timm import CheckpointError, convert_state_dict, load_timm_checkpoint
 from kdflax.models import MODELS, complexity, create_model, vit

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdflax.models import complexity, create_model, vit
+from kdflax.models import complexity, create_model
 
 TINY = ('vit_test_patch8_32', 'deit_test_distilled_patch8_32')
 

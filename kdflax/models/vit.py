@@ -28,9 +28,6 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# timm's IMAGENET_INCEPTION_MEAN/STD, the pretrained_cfg of the original (JAX) vit_* weights.
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
 
 LN_EPS = 1e-6
 _TRUNC_02 = nn.initializers.truncated_normal(stddev=0.02)
