@@ -190,3 +190,26 @@ def test_tfds_not_prepared_and_unknown_are_clear_errors(tmp_path):
     TfdsSource('no_such_dataset_kdflax', data_dir=str(tmp_path))
   with pytest.raises(ValueError, match='no class name starts with'):
     TfdsSource('beans', data_dir=str(tmp_path), class_prefix='Tomato___')
+
+
+def test_plant_village_through_make_datasets():
+  from kdflax.data.config import default_data_config
+  from kdflax.data.pipeline import make_datasets
+
+  examples = _pv_examples(n=200)
+  c = default_data_config()
+  c.update(source='tfds', name='plant_village', data_dir='/nonexistent', eval_split='validation',
+           batch_size=4, eval_batch_size=4)
+  with tfds.testing.mock_data(as_dataset_fn=fx.fake_tfds({'train': examples})):
+    data = make_datasets(c, image_size=16)
+  tomato = [e for e in examples if 28 <= e['label'] < 38]
+  assert data.num_classes == 10 and data.num_train + data.num_eval < len(tomato)
+  assert data.num_train == data.source.num_examples('train') > data.num_eval > 0
+  batch = next(data.train())  # outside the mock: the encoded images are in memory
+  assert batch['image'].shape == (4, 16, 16, 3) and batch['image'].std() > 0.05
+  truth = {e['image/filename']: e['label'] - 28 for e in tomato}
+  keys = data.source.records('train').keys
+  first = data.plan.step(0)['candidates'][:, 0]
+  np.testing.assert_array_equal(batch['label'], [truth[keys[i]] for i in first])
+  masks = np.concatenate([b['mask'] for b in data.eval()])
+  assert masks.sum() == data.num_eval

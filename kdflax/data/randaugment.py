@@ -160,13 +160,17 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, num_ops: int = 2,
   if not 0.0 <= magnitude <= 10.0:
     raise ValueError(f'randaugment magnitude must be in [0, 10], got {magnitude}')
   level = tf.constant(magnitude / 10.0, tf.float32)
-  x = tf.cast(image, tf.float32)
-  seeds = tf.random.experimental.stateless_split(seed, num=num_ops)
-  for i in range(num_ops):
+  seeds = tf.random.experimental.stateless_split(seed, num=max(num_ops, 1))
+
+  def one_op(i, x):
     draws = tf.random.stateless_uniform([2], seed=seeds[i])
     op = tf.minimum(tf.cast(draws[0] * len(OPS), tf.int32), len(OPS) - 1)
     sign = tf.where(draws[1] < 0.5, -1.0, 1.0)
-    branches = [lambda fn=fn, x=x, sign=sign: fn(x, level, sign) for _, fn in OPS]
+    branches = [lambda fn=fn: fn(x, level, sign) for _, fn in OPS]
     x = tf.round(tf.clip_by_value(tf.switch_case(op, branches), 0.0, 255.0))
-    x.set_shape([None, None, 3])
+    return i + 1, tf.ensure_shape(x, [None, None, 3])
+
+  # A loop rather than N copies of the 14-way switch: traced once, whatever N.
+  _, x = tf.while_loop(lambda i, x: i < num_ops, one_op, (0, tf.cast(image, tf.float32)),
+                       shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None, 3])))
   return tf.cast(x, tf.uint8)
