@@ -71,6 +71,7 @@ def test_batch_contract(beans):
   evals = list(data.eval())
   assert len(evals) == 3 and sorted(evals[0]) == ['image', 'label', 'mask', 'teacher_image']
   assert evals[0]['mask'].dtype == np.float32 and evals[0]['image'].shape == (4, 24, 24, 3)
+  assert_same(list(data.eval()), evals)  # every pass is the same
   # Same resolution for both: no teacher_image (the teacher reads `image`).
   same = make_datasets(config(beans), image_size=24, teacher_image_size=24)
   assert sorted(next(same.train())) == ['image', 'label']

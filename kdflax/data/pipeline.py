@@ -381,6 +381,7 @@ class Datasets:
     self.local_eval_batch_size = self.eval_batch_size // process_count
     self.eval_steps = 0 if self._eval_indices is None else len(self._eval_indices)
     self._tables: dict[str, ImageTable] = {}
+    self._eval_dataset: tf.data.Dataset | None = None
 
   def _table(self, which: str) -> ImageTable:
     if which not in self._tables:
@@ -413,10 +414,12 @@ class Datasets:
     if self._eval_indices is None:
       raise ValueError('no eval split: config.data.eval_split is empty')
     c = self.config
-    views = lambda image: transforms.eval_views(image, self.sizes, c.eval_crop_fraction)
-    ds = eval_dataset(self._table('eval'), self._eval_indices, views, self.sizes, c.threads,
-                      c.prefetch)
-    return EvalIterator(ds, self._eval_indices, self._eval_records.keys, c.on_corrupt)
+    if self._eval_dataset is None:  # built (traced) once, iterated afresh by every call
+      views = lambda image: transforms.eval_views(image, self.sizes, c.eval_crop_fraction)
+      self._eval_dataset = eval_dataset(self._table('eval'), self._eval_indices, views,
+                                        self.sizes, c.threads, c.prefetch)
+    return EvalIterator(self._eval_dataset, self._eval_indices, self._eval_records.keys,
+                        c.on_corrupt)
 
 
 def make_datasets(config: ml_collections.ConfigDict, image_size: int | None = None,
