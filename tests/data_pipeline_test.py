@@ -225,8 +225,9 @@ def test_corrupt_images_are_skipped_counted_and_deterministic(tmp_path):
                                 np.concatenate([b['image'] for b in clean_evals])[ok])
   # on_corrupt='error' names the file.
   strict = make_datasets(config(root, on_corrupt='error'), **SIZES)
-  with pytest.raises(CorruptImageError, match=bad_train):
+  with pytest.raises(CorruptImageError, match=bad_train) as e:
     take(strict.train(), 3)
+  assert 'JPEG' in str(e.value) and '\n' not in str(e.value)  # the decoder's reason
   with pytest.raises(CorruptImageError, match=bad_val):
     list(strict.eval())
 

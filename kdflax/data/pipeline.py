@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 
 import ml_collections
@@ -123,6 +124,23 @@ class ImageTable:
 
   def label(self, index: tf.Tensor) -> tf.Tensor:
     return tf.gather(self.labels, index)
+
+  def diagnose(self, index: int) -> str:
+    """Why row `index` fails, in one line (reads and decodes it eagerly, outside tf.data)."""
+    try:
+      if self._from_paths:
+        with open(self.records.paths[index], 'rb') as f:
+          data = f.read()
+      else:
+        data = self.records.encoded[index]
+    except OSError as e:
+      return f'unreadable ({e.strerror})'
+    try:
+      transforms.decode(tf.constant(data))
+    except tf.errors.OpError as e:
+      message = re.sub(r'\{\{[^}]*\}\}\s*', '', e.message).split('[Op:')[0]
+      return message.strip().splitlines()[0] if message.strip() else type(e).__name__
+    return 'decodes here; a later transform failed on it'
 
 
 # ---------------------------------------------------------------------------- tf.data graphs
@@ -251,11 +269,20 @@ class CorruptLog:
   count: int = 0
   keys: list[str] = dataclasses.field(default_factory=list)
 
-  def add(self, key: str) -> None:
-    self.count += 1
-    if key not in self.keys:
-      self.keys.append(key)
-      log.warning('kdflax.data: skipped corrupt or unreadable image %s', key)
+
+def _report_failures(corrupt: CorruptLog, table: ImageTable, rows, on_corrupt: str) -> None:
+  """Counts failed rows, logs each file once with the reason, raises for 'error'."""
+  for index in rows:
+    key = str(table.records.keys[index])
+    corrupt.count += 1
+    if key in corrupt.keys and on_corrupt != 'error':
+      continue
+    reason = table.diagnose(int(index))
+    if on_corrupt == 'error':
+      raise CorruptImageError(f"corrupt or unreadable image: {key}: {reason} "
+                              "(config.data.on_corrupt='error')")
+    corrupt.keys.append(key)
+    log.warning('kdflax.data: skipped corrupt or unreadable image %s: %s', key, reason)
 
 
 class TrainIterator:
@@ -266,12 +293,12 @@ class TrainIterator:
     corrupt: `CorruptLog` of this iterator.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, plan: TrainPlan, keys: np.ndarray,
+  def __init__(self, dataset: tf.data.Dataset, plan: TrainPlan, table: ImageTable,
                start_step: int, on_corrupt: str):
     self.dataset = dataset
     self.step = start_step
     self.corrupt = CorruptLog()
-    self._plan, self._keys, self._on_corrupt = plan, keys, on_corrupt
+    self._plan, self._table, self._on_corrupt = plan, table, on_corrupt
     self._it = dataset.as_numpy_iterator()
 
   def __iter__(self) -> Iterator[Batch]:
@@ -282,15 +309,12 @@ class TrainIterator:
     skipped = batch.pop('_skipped')
     if skipped.any():
       candidates = self._plan.step(self.step)['candidates']
-      bad = [self._keys[i] for r in np.flatnonzero(skipped) for i in candidates[r, :skipped[r]]]
-      for key in bad:
-        self.corrupt.add(key)
-      if self._on_corrupt == 'error':
-        raise CorruptImageError(f'corrupt or unreadable image: {bad[0]} '
-                                "(config.data.on_corrupt='error')")
+      bad = [i for r in np.flatnonzero(skipped) for i in candidates[r, :skipped[r]]]
+      _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
       if (skipped >= candidates.shape[1]).any():
-        raise CorruptImageError(f'{candidates.shape[1]} corrupt images in a row at step '
-                                f'{self.step}, e.g. {bad[0]}: is the dataset broken?')
+        raise CorruptImageError(
+            f'{candidates.shape[1]} corrupt images in a row at step {self.step}, e.g. '
+            f'{self._table.records.keys[bad[0]]}: is the dataset broken?')
     self.step += 1
     return batch
 
@@ -298,11 +322,11 @@ class TrainIterator:
 class EvalIterator:
   """Finite iterator of process-local eval batches with `mask`; `len()` = number of steps."""
 
-  def __init__(self, dataset: tf.data.Dataset, indices: np.ndarray, keys: np.ndarray,
+  def __init__(self, dataset: tf.data.Dataset, indices: np.ndarray, table: ImageTable,
                on_corrupt: str):
     self.dataset = dataset
     self.corrupt = CorruptLog()
-    self._indices, self._keys, self._on_corrupt = indices, keys, on_corrupt
+    self._indices, self._table, self._on_corrupt = indices, table, on_corrupt
     self._it = dataset.as_numpy_iterator()
     self._step = 0
 
@@ -316,12 +340,8 @@ class EvalIterator:
     batch = next(self._it)
     skipped = batch.pop('_skipped')
     if skipped.any():
-      bad = [self._keys[i] for i in self._indices[self._step][skipped > 0]]
-      for key in bad:
-        self.corrupt.add(key)
-      if self._on_corrupt == 'error':
-        raise CorruptImageError(f'corrupt or unreadable image: {bad[0]} '
-                                "(config.data.on_corrupt='error')")
+      bad = self._indices[self._step][skipped > 0]
+      _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
     self._step += 1
     return batch
 
@@ -406,7 +426,7 @@ class Datasets:
 
   def train(self, start_step: int = 0) -> TrainIterator:
     """Process-local train batches from global step `start_step` on, forever."""
-    return TrainIterator(self.train_dataset(start_step), self.plan, self._train_records.keys,
+    return TrainIterator(self.train_dataset(start_step), self.plan, self._table('train'),
                          start_step, self.config.on_corrupt)
 
   def eval(self) -> EvalIterator:
@@ -418,7 +438,7 @@ class Datasets:
       views = lambda image: transforms.eval_views(image, self.sizes, c.eval_crop_fraction)
       self._eval_dataset = eval_dataset(self._table('eval'), self._eval_indices, views,
                                         self.sizes, c.threads, c.prefetch)
-    return EvalIterator(self._eval_dataset, self._eval_indices, self._eval_records.keys,
+    return EvalIterator(self._eval_dataset, self._eval_indices, self._table('eval'),
                         c.on_corrupt)
 
 
