@@ -105,7 +105,7 @@ def test_kd_is_t_squared_kl_of_tempered_softmaxes(batch, temperature):
 def test_kd_is_zero_when_student_equals_teacher_up_to_a_shift(batch):
   _, teacher, _ = batch
   t = jnp.asarray(teacher)
-  assert abs(float(losses.kd_loss(t, t, 3.0))) < 1e-6
+  assert float(losses.kd_loss(t, t, 3.0)) == 0.0        # computed from log-probabilities
   assert abs(float(losses.kd_loss(t + 5.0, t, 3.0))) < 1e-5
   np.testing.assert_allclose(jax.grad(losses.kd_loss)(t, t, 3.0), 0.0, atol=1e-7)
 
@@ -195,7 +195,8 @@ def test_dkd_recombines_to_kd(batch):
 def test_dkd_is_zero_at_the_teacher_and_stable_for_confident_teachers(batch):
   student, teacher, labels = batch
   t, y = jnp.asarray(teacher), jnp.asarray(labels)
-  assert abs(float(losses.dkd_loss(t, t, y, 1.0, 8.0, 4.0))) < 1e-5
+  assert float(losses.dkd_loss(t, t, y, 1.0, 8.0, 4.0)) == 0.0
+  np.testing.assert_allclose(jax.grad(losses.dkd_loss)(t, t, y, 1.0, 8.0, 4.0), 0.0, atol=2e-6)
   confident = jnp.asarray(np.eye(5)[labels] * 200.0)
   value, grad = jax.value_and_grad(losses.dkd_loss)(jnp.asarray(student), confident, y,
                                                      1.0, 8.0, 1.0)

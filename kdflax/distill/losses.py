@@ -57,8 +57,10 @@ def _check_logits(name: str, logits: Array) -> None:
     raise ValueError(f'{name} must be (batch, classes), got shape {logits.shape}')
 
 
-def teacher_probabilities(teacher_logits: TeacherLogits, temperature: float = 1.0) -> Array:
-  """Soft targets `softmax(z_t / T)` `(B, K)`; for a sequence of teachers, their average."""
+def teacher_log_probabilities(teacher_logits: TeacherLogits, temperature: float = 1.0
+                              ) -> Array:
+  """`log softmax(z_t / T)` `(B, K)`; for a sequence of teachers, the log of their average
+  probabilities (`logsumexp_i log p_i - log n`, so it stays finite and exact)."""
   if isinstance(teacher_logits, (list, tuple)):
     if not teacher_logits:
       raise ValueError('teacher_logits is an empty sequence; expected at least one teacher')
@@ -67,11 +69,18 @@ def teacher_probabilities(teacher_logits: TeacherLogits, temperature: float = 1.
     shapes = {tuple(logits.shape) for logits in teacher_logits}
     if len(shapes) != 1:
       raise ValueError(f'all teachers must give logits of one shape, got {sorted(shapes)}')
-    probs = [jax.nn.softmax(upcast(logits) / temperature, axis=-1)
-             for logits in teacher_logits]
-    return sum(probs[1:], probs[0]) / len(probs)
+    if len(teacher_logits) == 1:
+      return teacher_log_probabilities(teacher_logits[0], temperature)
+    log_probs = jnp.stack([jax.nn.log_softmax(upcast(logits) / temperature, axis=-1)
+                           for logits in teacher_logits])
+    return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(float(len(teacher_logits)))
   _check_logits('teacher_logits', teacher_logits)
-  return jax.nn.softmax(upcast(teacher_logits) / temperature, axis=-1)
+  return jax.nn.log_softmax(upcast(teacher_logits) / temperature, axis=-1)
+
+
+def teacher_probabilities(teacher_logits: TeacherLogits, temperature: float = 1.0) -> Array:
+  """Soft targets `softmax(z_t / T)` `(B, K)`; for a sequence of teachers, their average."""
+  return jnp.exp(teacher_log_probabilities(teacher_logits, temperature))
 
 
 def _check_pair(student_logits: Array, teacher_probs: Array) -> None:
@@ -99,10 +108,14 @@ def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0,
   return masked_mean(-jnp.sum(targets * log_probs, axis=-1), mask)
 
 
-def kl_per_example(teacher_probs: Array, student_log_probs: Array) -> Array:
-  """`KL(p_t || p_s)` per row `(B,)`, with `0 log 0 = 0`."""
-  return jnp.sum(jax.scipy.special.xlogy(teacher_probs, teacher_probs)
-                 - teacher_probs * student_log_probs, axis=-1)
+def kl_per_example(teacher_log_probs: Array, student_log_probs: Array) -> Array:
+  """`KL(p_t || p_s) = sum_k p_t,k (log p_t,k - log p_s,k)` per row `(B,)`, `0 log 0 = 0`.
+
+  Taking log-probabilities makes the value exactly 0 when the two distributions agree.
+  """
+  teacher_probs = jnp.exp(teacher_log_probs)
+  terms = teacher_probs * (teacher_log_probs - student_log_probs)
+  return jnp.sum(jnp.where(teacher_probs > 0, terms, 0.0), axis=-1)
 
 
 def kd_loss(student_logits: Array, teacher_logits: TeacherLogits, temperature: float,
@@ -112,10 +125,10 @@ def kd_loss(student_logits: Array, teacher_logits: TeacherLogits, temperature: f
   The `T^2` factor keeps the gradient magnitude independent of the temperature. Zero iff the
   student's tempered distribution equals the teacher's (the averaged one for a sequence).
   """
-  teacher_probs = teacher_probabilities(teacher_logits, temperature)
-  _check_pair(student_logits, teacher_probs)
+  teacher_log_probs = teacher_log_probabilities(teacher_logits, temperature)
+  _check_pair(student_logits, teacher_log_probs)
   student_log_probs = jax.nn.log_softmax(upcast(student_logits) / temperature, -1)
-  kl = kl_per_example(teacher_probs, student_log_probs)
+  kl = kl_per_example(teacher_log_probs, student_log_probs)
   return temperature**2 * masked_mean(kl, mask)
 
 
@@ -127,30 +140,34 @@ def dkd_parts(student_logits: Array, teacher_logits: TeacherLogits, labels: Arra
   the distributions renormalised over the non-target classes; `p_t,y` is the teacher's tempered
   probability of the label. `KL(p_t || p_s) = TCKD + (1 - p_t,y) * NCKD` holds exactly.
   """
-  teacher_probs = teacher_probabilities(teacher_logits, temperature)
-  _check_pair(student_logits, teacher_probs)
+  teacher_log_probs = teacher_log_probabilities(teacher_logits, temperature)
+  _check_pair(student_logits, teacher_log_probs)
   if labels.shape != student_logits.shape[:1]:
     raise ValueError(f'labels must have shape {student_logits.shape[:1]}, got {labels.shape}')
+  if student_logits.shape[-1] < 2:
+    raise ValueError('DKD needs at least 2 classes (a target and a non-target)')
   is_target = jax.nn.one_hot(labels, student_logits.shape[-1], dtype=bool)
-  z = upcast(student_logits) / temperature
-  tiny = jnp.finfo(z.dtype).tiny
-  log_z_all = jax.nn.logsumexp(z, axis=-1)
-  z_rest = jnp.where(is_target, -jnp.inf, z)
-  log_z_rest = jax.nn.logsumexp(z_rest, axis=-1)
-  s_log_target = jnp.sum(jnp.where(is_target, z, 0.0), axis=-1) - log_z_all
-  s_log_rest = log_z_rest - log_z_all                       # log(1 - p_s,y), stably
-  s_log_hat = jnp.where(is_target, 0.0, z_rest - log_z_rest[:, None])  # log p^_s off target
+  student_log_probs = jax.nn.log_softmax(upcast(student_logits) / temperature, axis=-1)
+  t_target, t_rest, t_hat = _split_target(teacher_log_probs, is_target)
+  s_target, s_rest, s_hat = _split_target(student_log_probs, is_target)
+  p_target, p_rest = jnp.exp(t_target), jnp.exp(t_rest)
+  tckd = p_target * (t_target - s_target) + p_rest * (t_rest - s_rest)
+  p_hat = jnp.exp(t_hat)
+  nckd = jnp.sum(jnp.where(is_target | (p_hat == 0), 0.0, p_hat * (t_hat - s_hat)), axis=-1)
+  return tckd, nckd, p_target
 
-  t_target = jnp.sum(jnp.where(is_target, teacher_probs, 0.0), axis=-1)
-  t_rest_probs = jnp.where(is_target, 0.0, teacher_probs)
-  t_rest = jnp.sum(t_rest_probs, axis=-1)
-  t_hat = t_rest_probs / jnp.maximum(t_rest, tiny)[:, None]
 
-  xlogy = jax.scipy.special.xlogy
-  tckd = (xlogy(t_target, t_target) - t_target * s_log_target
-          + xlogy(t_rest, t_rest) - t_rest * s_log_rest)
-  nckd = jnp.sum(xlogy(t_hat, t_hat) - t_hat * s_log_hat, axis=-1)
-  return tckd, nckd, t_target
+def _split_target(log_probs: Array, is_target: Array) -> tuple[Array, Array, Array]:
+  """From `(B, K)` log-probabilities: `log p_y`, `log(1 - p_y)` and `log p^` (0 at the target).
+
+  All in log space (`log(1 - p_y)` is a logsumexp over the non-targets), so a confident
+  distribution keeps finite, exact values.
+  """
+  log_target = jnp.sum(jnp.where(is_target, log_probs, 0.0), axis=-1)
+  rest = jnp.where(is_target, -jnp.inf, log_probs)
+  log_rest = jax.nn.logsumexp(rest, axis=-1)
+  log_hat = jnp.where(is_target, 0.0, rest - log_rest[:, None])
+  return log_target, log_rest, log_hat
 
 
 def dkd_warmup(step: Array | int | None, warmup_steps: int) -> Array:

@@ -81,6 +81,7 @@ intermediates come from one teacher.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -132,7 +133,7 @@ def first_last_pairs(num_teacher_blocks: int, num_student_blocks: int, first: in
   t_ids = list(range(first)) + list(range(num_teacher_blocks - last, num_teacher_blocks))
   s_ids = list(range(first)) + list(range(num_student_blocks - last, num_student_blocks))
   return {student_key.format(s): {'teacher': teacher_key.format(t),
-                                       'student': student_key.format(s)}
+                                  'student': student_key.format(s)}
           for t, s in zip(t_ids, s_ids, strict=True)}
 
 
@@ -265,6 +266,9 @@ def _check_schema(config: Mapping[str, Any]) -> dict:
       raise ValueError(f'loss config {term}.pairs must map names to pairs, got {pairs!r}')
     checked = {}
     for name, pair in pairs.items():
+      if not re.fullmatch(r'[A-Za-z0-9_-]+', str(name)):
+        raise ValueError(f'loss config {term}.pairs: pair name {name!r} must use letters, '
+                         f'digits, _ and - only (it names the logged term {term}/<name>)')
       if not isinstance(pair, Mapping) and not isinstance(pair, ml_collections.ConfigDict):
         raise ValueError(f'loss config {term}.pairs.{name} must be a dict with keys '
                          f'{sorted(pair_defaults)}, got {pair!r}')
@@ -539,7 +543,8 @@ class Objective:
       teacher_intermediates: the teacher's `'intermediates'`.
       labels: `(B,)` integer labels.
       step: training step, for the DKD warm-up.
-      rng: PRNG key for the manifold loss's random token sample.
+      rng: PRNG key for the manifold loss's random token sample (pair i, in sorted name
+        order, uses `fold_in(rng, i)`); needed when the manifold term is active.
       mask: optional `(B,)` example weights (0 for padding).
 
     Returns:
