@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdflax.distill.losses import masked_mean, upcast
+from kdflax.distill.losses import kl_per_example, masked_mean, upcast
 
 Array = jax.Array
 SwinLayout = tuple[int, int, int | tuple[int, int], int | tuple[int, int]]
@@ -224,11 +224,10 @@ def map_distance(student_maps: Array, teacher_maps: Array, method: str = 'l2',
     diff = normalize_maps(student_maps, 'l2') - normalize_maps(teacher_maps, 'l2')
     return masked_mean(jnp.mean(diff * diff, axis=-1), mask)
   if method == 'softmax':
-    flat_s = upcast(student_maps.reshape(student_maps.shape[0], -1))
-    log_s = jax.nn.log_softmax(flat_s / temperature, axis=-1)
-    p_t = normalize_maps(teacher_maps, 'softmax', temperature)
-    kl = jnp.sum(jax.scipy.special.xlogy(p_t, p_t) - p_t * log_s, axis=-1)
-    return masked_mean(kl, mask)
+    log_softmax = lambda m: jax.nn.log_softmax(upcast(m.reshape(m.shape[0], -1)) / temperature,
+                                               axis=-1)
+    return masked_mean(kl_per_example(log_softmax(teacher_maps), log_softmax(student_maps)),
+                       mask)
   raise ValueError(f'normalize must be one of {NORMALIZATIONS}, got {method!r}')
 
 
