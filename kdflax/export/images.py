@@ -1,0 +1,131 @@
+"""Image files -> the uint8 arrays an exported model takes (calibration, parity, predict).
+
+An exported model takes `(B, S, S, 3)` uint8 RGB in 0..255: the photo brought to the model's
+square resolution as the training pipeline evaluates it (short side to S / 0.875, centre
+crop), which an app does with one `Bitmap` scale + crop. `load_image` produces that array;
+JAX references are computed from the same array.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Evaluation crop of the training pipeline (config.data.eval_crop_fraction).
+CROP_FRACTION = 0.875
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+
+class ImageError(ValueError):
+  """An image file that cannot be read or decoded; the message names the file."""
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[str]:
+  """Image files named by `paths`: files as given, folders searched recursively (sorted).
+
+  Raises:
+    FileNotFoundError: a path that does not exist.
+  """
+  found: list[str] = []
+  for path in map(os.fspath, paths):
+    if os.path.isdir(path):
+      for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')]
+    elif os.path.isfile(path):
+      found.append(path)
+    else:
+      raise FileNotFoundError(f'{path}: no such file or directory')
+  return found
+
+
+def load_image(path: str | os.PathLike, size: int, crop_fraction: float = CROP_FRACTION
+               ) -> np.ndarray:
+  """Decodes `path` fully and returns the `(size, size, 3)` uint8 RGB view the model sees.
+
+  Same geometry as the training pipeline's evaluation view (`kdflax.data.transforms.
+  eval_views`): the short side is resized (antialiased bilinear) to
+  `max(size, floor(size / crop_fraction))`, then the centre `size x size` is cropped.
+  `crop_fraction=1` resizes the short side to `size` and crops the centre square.
+
+  Raises:
+    ImageError: unreadable, truncated or corrupt file (one line naming the file).
+  """
+  try:
+    with Image.open(path) as img:
+      img.load()  # decode now: truncated JPEGs fail here, not later
+      rgb = img.convert('RGB')
+  except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    raise ImageError(f'{os.fspath(path)}: cannot decode image ({e})') from None
+  w, h = rgb.size
+  short = max(size, math.floor(size / crop_fraction))
+  scale = short / min(h, w)
+  new_w, new_h = max(short, round(w * scale)), max(short, round(h * scale))
+  if (new_w, new_h) != (w, h):
+    rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
+  left, top = (new_w - size) // 2, (new_h - size) // 2
+  return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def load_images(paths: Sequence[str | os.PathLike], size: int) -> np.ndarray:
+  """`(N, size, size, 3)` uint8 stack of `paths`; raises `ImageError` on the first bad file."""
+  if not paths:
+    return np.zeros((0, size, size, 3), np.uint8)
+  return np.stack([load_image(p, size) for p in paths])
+
+
+def sample_images(root: str | os.PathLike, size: int, limit: int | None = None) -> np.ndarray:
+  """Up to `limit` images found under `root`, evenly spread over the sorted file list.
+
+  Spreading (rather than taking the first `limit`) keeps every class of a `root/<class>/`
+  folder in a calibration set. Unreadable files are skipped.
+
+  Raises:
+    ValueError: `root` holds no readable image.
+  """
+  files = find_images([root])
+  if limit is not None and len(files) > limit:
+    idx = np.linspace(0, len(files) - 1, limit).round().astype(int)
+    files = [files[i] for i in sorted(set(idx))]
+  arrays = []
+  for f in files:
+    try:
+      arrays.append(load_image(f, size))
+    except ImageError:
+      continue
+  if not arrays:
+    raise ValueError(f'{os.fspath(root)}: no readable images (looked for {", ".join(IMAGE_EXTENSIONS)})')
+  return np.stack(arrays)
+
+
+def labelled_folder(root: str | os.PathLike) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+  """`root/<class>/**/image` -> `(files, labels (N,) int32, class_names)`, classes sorted.
+
+  Raises:
+    ValueError: `root` has no class sub-folders or no images.
+  """
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise ValueError(f'{root}: expected a folder laid out as <class>/<image files>')
+  classes = tuple(sorted(d for d in os.listdir(root)
+                         if os.path.isdir(os.path.join(root, d)) and not d.startswith('.')))
+  files: list[str] = []
+  labels: list[int] = []
+  for i, name in enumerate(classes):
+    these = find_images([os.path.join(root, name)])
+    files += these
+    labels += [i] * len(these)
+  if not files:
+    raise ValueError(f'{root}: no images in <class>/ sub-folders')
+  return files, np.asarray(labels, np.int32), classes
+
+
+def batches(items: Sequence, size: int) -> Iterator[Sequence]:
+  """Consecutive slices of `items` of at most `size` elements."""
+  for start in range(0, len(items), size):
+    yield items[start:start + size]

@@ -1,0 +1,225 @@
+"""jax2tf -> TFLite export machinery on small models: precisions, parity, failures, atomicity."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from helpers.export_models import TinyCNN, TinyGelu, init_calibrated, leaf_images
+
+from kdflax.export import flatbuffer, isolated, lowering, tflite
+from kdflax.export.interpreter import TFLiteClassifier, labels_path, read_model_metadata
+from kdflax.export.parity import compare_logits
+
+SIZE = 32
+LABELS = ('angular_leaf_spot', 'bean_rust', 'healthy')
+
+
+@pytest.fixture(scope='module')
+def photos():
+  return leaf_images(SIZE, 'val', per_class=8)  # 24 real photos
+
+
+@pytest.fixture(scope='module')
+def cnn(photos):
+  module = TinyCNN(num_classes=3)
+  return module, init_calibrated(module, SIZE, leaf_images(SIZE, 'train', per_class=4))
+
+
+def _dir_listing(path):
+  return sorted(os.listdir(path))
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'fp16', 'int8'])
+def test_export_passes_parity_and_describes_itself(tmp_path, cnn, photos, precision):
+  module, variables = cnn
+  out = tmp_path / f'tiny_{precision}.tflite'
+  result = tflite.export_tflite(module, variables, SIZE, out, precision,
+                                calibration_images=photos, labels=LABELS, model_name='tiny')
+  assert result.parity.passed and result.parity.num_images == len(photos)
+  assert _dir_listing(tmp_path) == sorted([out.name, f'tiny_{precision}.labels.txt'])
+
+  content = out.read_bytes()
+  assert flatbuffer.non_builtin_ops(content) == []
+  ops = flatbuffer.op_names(content)
+  if precision == 'int8':
+    # Full integer: the only float tensors are the logits (and nothing else computes in float).
+    assert 'HARD_SWISH' not in ops  # lowered to ops XNNPACK runs quantized
+    assert ops[-1] == 'DEQUANTIZE'
+    assert flatbuffer.tensor_types(content).get('INT8', 0) > 10
+  else:
+    assert ops.count('HARD_SWISH') == 2
+  if precision == 'fp16':
+    assert 'DEQUANTIZE' in ops and flatbuffer.tensor_types(content).get('FLOAT16', 0) > 0
+
+  meta = read_model_metadata(content)
+  assert meta['labels'] == list(LABELS) and meta['precision'] == precision
+  assert meta['input']['dtype'] == 'uint8' and meta['input']['shape'] == [1, SIZE, SIZE, 3]
+  assert open(labels_path(out)).read().split() == list(LABELS)
+
+  clf = TFLiteClassifier(out)
+  assert clf.labels == LABELS and clf.input_dtype == np.uint8
+  assert clf.interpreter.get_signature_list() == {
+      'serving_default': {'inputs': ['image'], 'outputs': ['logits']}}
+  # Independent check of the result the export reported: JAX on the same uint8 pixels.
+  want = np.asarray(module.apply(variables, photos.astype(np.float32) / 255.0))
+  got = clf(photos)
+  if precision == 'fp32':
+    np.testing.assert_allclose(got, want, atol=1e-4)
+  elif precision == 'fp16':
+    np.testing.assert_allclose(got, want, atol=2e-2)
+  else:
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.95
+    assert np.abs(got - want).max() < 0.25 * np.abs(want).max()
+
+
+def test_logits_are_not_degenerate(cnn, photos):
+  """The parity checks above mean something only if logits vary with the image."""
+  module, variables = cnn
+  logits = np.asarray(module.apply(variables, photos.astype(np.float32) / 255.0))
+  assert logits.std(axis=0).min() > 1e-2
+  assert 0.1 < np.abs(logits).max() < 100
+
+
+def test_batch_and_float_input(tmp_path, cnn, photos):
+  module, variables = cnn
+  out = tmp_path / 'b4.tflite'
+  result = tflite.export_tflite(module, variables, SIZE, out, 'fp32', parity_images=photos[:6],
+                                batch=4, input_type='float32')
+  assert result.parity.passed and result.parity.num_images == 6
+  clf = TFLiteClassifier(out)
+  assert (clf.batch, clf.input_dtype) == (4, np.float32)
+  assert clf.labels == () and not os.path.exists(labels_path(out))
+  want = np.asarray(module.apply(variables, photos[:5].astype(np.float32) / 255.0))
+  np.testing.assert_allclose(clf(photos[:5]), want, atol=1e-4)  # padded last batch
+
+
+def test_int8_with_erf_gelu_is_refused_and_leaves_no_file(tmp_path, photos):
+  module = TinyGelu()
+  variables = module.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
+  out = tmp_path / 'gelu.tflite'
+  with pytest.raises(tflite.ExportError, match=r'int8 .*erfc? \(exact GELU\)'):
+    tflite.export_tflite(module, variables, SIZE, out, 'int8', calibration_images=photos)
+  assert _dir_listing(tmp_path) == []
+  # The same model is fine in float.
+  result = tflite.export_tflite(module, variables, SIZE, out, 'fp16', calibration_images=photos)
+  assert result.parity.passed and out.exists()
+
+
+def test_interpreter_abort_becomes_an_error(tmp_path, photos):
+  """Bypassing the up-front check, the int8 erf graph aborts LiteRT: only the child dies."""
+  module = TinyGelu()
+  variables = module.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
+  fn = tflite.serving_function(module, variables)
+  path = tmp_path / 'gelu_int8.tflite'
+  path.write_bytes(tflite.convert(fn, SIZE, 'int8', calibration_images=photos))
+  with pytest.raises(isolated.InterpreterCrash, match='crashed \\(SIG'):
+    isolated.run_isolated(path, photos[:2])
+
+
+def test_unsupported_op_is_a_clear_error(tmp_path):
+  fn = lambda x: np.float32(1) * __import__('jax').numpy.sort(  # noqa: E731
+      x.astype('float32').reshape(x.shape[0], -1), axis=-1)[:, :3]
+  with pytest.raises(tflite.ExportError, match='sort.*no TFLite builtin'):
+    tflite.convert(fn, 8, 'fp32')
+
+
+def test_non_builtin_ops_are_detected(tmp_path, cnn):
+  """A Flex op in the flatbuffer is found by the op scan that guards every export."""
+  from ai_edge_litert import schema_py_generated as schema
+  from ai_edge_litert.tools import flatbuffer_utils
+  module, variables = cnn
+  content = tflite.convert(tflite.serving_function(module, variables), SIZE, 'fp32')
+  obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+  code = obj.operatorCodes[0]
+  code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
+  code.customCode = 'FlexErf'
+  tampered = bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
+  assert flatbuffer.non_builtin_ops(content) == []
+  assert flatbuffer.non_builtin_ops(tampered) == ['CUSTOM:FlexErf']
+
+
+def test_failed_parity_leaves_the_old_file_and_no_temp(tmp_path, cnn, photos, monkeypatch):
+  module, variables = cnn
+  out = tmp_path / 'model.tflite'
+  out.write_bytes(b'previous export')
+  # Force a wrong answer from the interpreter: parity must fail, nothing must be written.
+  monkeypatch.setattr(tflite, 'run_isolated', lambda path, images: np.zeros((len(images), 3)))
+  with pytest.raises(tflite.ExportError, match='fp32 parity FAILED'):
+    tflite.export_tflite(module, variables, SIZE, out, 'fp32', calibration_images=photos)
+  assert out.read_bytes() == b'previous export'
+  assert _dir_listing(tmp_path) == ['model.tflite']
+  # With allow_mismatch it is written, and the caller hears about the mismatch.
+  seen = []
+  result = tflite.export_tflite(module, variables, SIZE, out, 'fp32', calibration_images=photos,
+                                allow_mismatch=True, on_mismatch=seen.append)
+  assert not result.parity.passed and seen == [result.parity]
+  assert out.read_bytes()[4:8] == b'TFL3'
+
+
+def test_crash_during_write_leaves_no_partial_file(tmp_path, cnn, photos, monkeypatch):
+  module, variables = cnn
+  out = tmp_path / 'model.tflite'
+
+  def crash(path, images):
+    assert os.path.getsize(path) > 0  # the temp file was complete when the check ran
+    raise isolated.InterpreterCrash(f'{path}: the LiteRT interpreter crashed (SIGSEGV)')
+
+  monkeypatch.setattr(tflite, 'run_isolated', crash)
+  with pytest.raises(tflite.ExportError, match='does not run in LiteRT.*SIGSEGV'):
+    tflite.export_tflite(module, variables, SIZE, out, 'fp16', calibration_images=photos)
+  assert _dir_listing(tmp_path) == []
+
+
+def test_int8_needs_real_calibration_images(tmp_path, cnn):
+  module, variables = cnn
+  with pytest.raises(tflite.ExportError, match='calibration'):
+    tflite.export_tflite(module, variables, SIZE, tmp_path / 'm.tflite', 'int8')
+  with pytest.raises(ValueError, match='2 labels for a model with 3 classes'):
+    tflite.export_tflite(module, variables, SIZE, tmp_path / 'm.tflite', labels=('a', 'b'))
+  assert _dir_listing(tmp_path) == []
+
+
+def test_hard_swish_rewrite_is_exact_and_complete(cnn, photos):
+  module, variables = cnn
+  fn = tflite.serving_function(module, variables)
+  rewritten = lowering.rewrite_calls(fn, lowering.INT8_RULES)
+  spec = jax.ShapeDtypeStruct((2, SIZE, SIZE, 3), np.uint8)
+  names = ('hard_silu', 'hard_swish')
+  assert lowering.count_calls(fn, spec, names) == 2
+  assert lowering.count_calls(rewritten, spec, names) == 0
+  np.testing.assert_allclose(np.asarray(jax.jit(rewritten)(photos[:4])),
+                             np.asarray(jax.jit(fn)(photos[:4])), atol=1e-5)
+
+
+def test_parity_criteria():
+  rng = np.random.default_rng(0)
+  ref = rng.normal(size=(50, 4)) * 3
+  assert compare_logits('fp32', ref + 5e-5, ref).passed
+  assert not compare_logits('fp32', ref + 1e-3, ref).passed
+  # Float tolerances scale with the logits once they exceed 1.
+  assert compare_logits('fp16', ref * 100 + 0.5, ref * 100).passed
+  assert not compare_logits('fp16', ref + 0.1, ref).passed  # tolerance 1e-2 * max|ref| ~ 0.07
+  flipped = ref.copy()
+  flipped[0] = -flipped[0]  # 1 of 50 top-1 changes: 98% agreement passes, 2 fail
+  assert compare_logits('int8', flipped, ref).passed
+  flipped[1] = -flipped[1]
+  result = compare_logits('int8', flipped, ref)
+  assert not result.passed and result.top1_agreement == 0.96
+  assert 'FAILED' in result.summary() and '96.0%' in result.summary()
+  bad = ref.copy()
+  bad[3, 2] = np.nan
+  assert not compare_logits('fp32', bad, ref).passed
+
+
+def test_metadata_round_trip_and_replace(cnn):
+  module, variables = cnn
+  content = tflite.convert(tflite.serving_function(module, variables), SIZE, 'fp32')
+  once = flatbuffer.add_metadata(content, 'kdflax', json.dumps({'labels': ['x']}).encode())
+  twice = flatbuffer.add_metadata(once, 'kdflax', b'{"labels": ["y", "z"]}')
+  assert flatbuffer.read_metadata(content, 'kdflax') is None
+  assert json.loads(flatbuffer.read_metadata(twice, 'kdflax')) == {'labels': ['y', 'z']}
+  assert flatbuffer.op_names(twice) == flatbuffer.op_names(content)
+  # The other metadata the converter wrote survives.
+  assert flatbuffer.read_metadata(twice, 'min_runtime_version') is not None

@@ -1,0 +1,76 @@
+"""Small models and real photos for the export tests.
+
+`TinyCNN` has every op family MobileNetV3 exports (stride-2 conv with symmetric padding,
+BatchNorm, hard-swish, SE-style 1x1 convs on a pooled map with hard-sigmoid gating, global
+mean, Dense on 2-D); `TinyGelu` has exact (erf) GELU, which full-int8 TFLite cannot run.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BEANS = ROOT / 'data' / 'beans_sample'
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class TinyCNN(nn.Module):
+  """`(B, S, S, 3)` in [0, 1] -> `(B, num_classes)` logits."""
+
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = (x - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    x = nn.Conv(16, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)(x)
+    x = jax.nn.hard_swish(nn.BatchNorm(use_running_average=not train)(x))
+    x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=16,
+                use_bias=False)(x)
+    x = jax.nn.hard_swish(nn.BatchNorm(use_running_average=not train)(x))
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.relu(nn.Conv(8, (1, 1))(s))
+    x = x * jax.nn.hard_sigmoid(nn.Conv(16, (1, 1))(s))
+    x = nn.Conv(24, (1, 1), use_bias=False)(x)
+    x = jnp.mean(nn.BatchNorm(use_running_average=not train)(x), axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+class TinyGelu(nn.Module):
+  """Patch embedding + LayerNorm + exact-GELU MLP + mean pool + head."""
+
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(16, (4, 4), strides=4)(x)
+    x = nn.LayerNorm(epsilon=1e-5)(x)
+    x = nn.gelu(nn.Dense(32)(x), approximate=False)
+    x = jnp.mean(nn.Dense(16)(x), axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+def leaf_files(split: str = 'val', per_class: int = 4) -> list[pathlib.Path]:
+  """The first `per_class` photos of each class of the bundled bean-leaf sample."""
+  files = []
+  for class_dir in sorted((BEANS / split).iterdir()):
+    files += sorted(class_dir.glob('*.jpg'))[:per_class]
+  return files
+
+
+def leaf_images(size: int, split: str = 'val', per_class: int = 4) -> np.ndarray:
+  """`(3 * per_class, size, size, 3)` uint8 real photos."""
+  from kdflax.export.images import load_images
+  return load_images(leaf_files(split, per_class), size)
+
+
+def init_calibrated(module: nn.Module, size: int, images: np.ndarray, seed: int = 0) -> dict:
+  """Random weights with BatchNorm statistics of `images` (so activations are O(1))."""
+  from kdflax.export.batch_stats import calibrate_batch_stats
+  variables = module.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+  return calibrate_batch_stats(module, variables, images)
