@@ -7,11 +7,15 @@ import re
 import jax
 import numpy as np
 import pytest
+from helpers.timm_reference_batch import shared_timm_references
 
-from helpers.timm_reference_batch import timm_references
 from kdflax.convert import swin as swin_convert
-from kdflax.convert.timm import CheckpointError, convert_state_dict, load_state_dict, \
-    load_timm_checkpoint
+from kdflax.convert.timm import (
+  CheckpointError,
+  convert_state_dict,
+  load_state_dict,
+  load_timm_checkpoint,
+)
 from kdflax.models import MODELS, create_model
 from kdflax.models.swin import relative_position_index, shifted_window_mask
 
@@ -33,7 +37,7 @@ def refs(tmp_path_factory):
                    hooks=[f'layers.{i}' for i in range(4)], kwargs=arch),
       'hf': dict(model='hf_swin', num_classes=10, image_size=64, hf_swin=True, kwargs=hf_arch),
   }
-  return timm_references(tmp_path_factory.mktemp('swin_convert'), specs)[0]
+  return shared_timm_references(tmp_path_factory, specs)[0]
 
 
 @pytest.fixture(scope='module')

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers.timm_reference_batch import shared_timm_references
 
-from helpers.timm_reference_batch import timm_references
 from kdflax.convert.timm import load_timm_checkpoint
-from kdflax.models import MODELS, complexity, create_model
+from kdflax.models import MODELS, complexity, create_model, swin
+from kdflax.models.swin import SwinBlock, num_stage_windows
 
 TOL = 1e-4
 TEST_PRESET = 'swin_test_patch4_window4_64'
@@ -20,7 +21,7 @@ SMALL = dict(depths=(1, 2), num_heads=(1, 2))
 HOOKS = [f'layers.{i}' for i in range(4)]
 # Swin-B at 384 made shallow and narrow: stages 0-2 (grids 96, 48, 24) shift by 6, stage 3
 # (grid 12 = window) does not.
-W12_ARCH = dict(embed_dim=64, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
+W12_ARCH = dict(embed_dim=32, depths=(2, 2, 2, 1), num_heads=(1, 2, 4, 8))
 # Window 3 on grids 16, 8, 4 is padded at the bottom/right after the shift (as timm does);
 # the last stage's grid 2 clips the window.
 PADDED_ARCH = dict(depths=(2, 2, 2, 1), window_size=3)
@@ -41,7 +42,7 @@ def timm_refs(tmp_path_factory):
   }
   counts = {name: ('swin_tiny_patch4_window7_224', dict(MODELS[name].kwargs))
             for name in SWIN_PRESETS}
-  return timm_references(tmp_path_factory.mktemp('swin'), specs, param_counts=counts)
+  return shared_timm_references(tmp_path_factory, specs, param_counts=counts)
 
 
 def _jit(fn, *args):
@@ -108,8 +109,14 @@ def test_windows_that_do_not_divide_the_grid_match_timm(timm_refs):
   ref = timm_refs[0]['padded']
   variables = load_timm_checkpoint(TEST_PRESET, ref.checkpoint, **PADDED_ARCH)
   module, _ = create_model(TEST_PRESET, num_classes=5, **PADDED_ARCH)
-  assert module.attention_layout() == ((16, 16, 3, 1), (8, 8, 3, 1), (4, 4, 3, 1), (2, 2, 2, 0))
-  _check_parity(module, variables, ref)
+  layout = module.attention_layout()
+  assert layout == ((16, 16, 3, 1), (8, 8, 3, 1), (4, 4, 3, 1), (2, 2, 2, 0))
+  _, inter = _check_parity(module, variables, ref)
+  # Attention covers the padded grid: 6 x 6, 3 x 3, 2 x 2 windows of 3 x 3, then one of 2 x 2.
+  assert [num_stage_windows(stage) for stage in layout] == [36, 9, 4, 1]
+  for i, stage in enumerate(layout):
+    assert inter[f'stage{i}_attn'].shape == (num_stage_windows(stage), 2 ** i, stage[2] ** 2,
+                                             stage[2] ** 2)
 
 
 def test_attention_layout_of_presets():
@@ -130,17 +137,22 @@ def test_intermediates_keys_shapes_and_layout():
   variables = _random_variables(module, size)
   image = np.random.default_rng(1).uniform(size=(2, size, size, 3)).astype(np.float32)
 
-  logits, inter = _apply_with_intermediates(module, variables, image)
+  def both(v, x):  # one compile for both calls
+    return module.apply(v, x), module.apply(v, x, mutable=['intermediates'])
+
+  plain, (logits, state) = _jit(both, variables, image)(variables, image)
+  assert set(state) == {'intermediates'}
+  inter = {k: np.asarray(v[0]) for k, v in state['intermediates'].items()}
   expected = {}
   for i, ((h, w, win, _), dim, heads) in enumerate(
-      zip(module.attention_layout(), (32, 64, 128, 256), module.num_heads)):
+      zip(module.attention_layout(), (32, 64, 128, 256), module.num_heads, strict=True)):
     expected[f'stage{i}'] = (2, h, w, dim)
     expected[f'stage{i}_attn'] = (2 * (h // win) * (w // win), heads, win * win, win * win)
+    assert num_stage_windows((h, w, win, 0)) == (h // win) * (w // win)
   assert {k: v.shape for k, v in inter.items()} == expected
-
-  plain = _jit(module.apply, variables, image)(variables, image)
+  # Without the collection mutable, the same logits and nothing else.
   assert isinstance(plain, jax.Array) and plain.shape == (2, 7) and plain.dtype == jnp.float32
-  np.testing.assert_array_equal(np.asarray(plain), logits)
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(logits))
   # Attention weights are softmax rows.
   for i in range(4):
     np.testing.assert_allclose(inter[f'stage{i}_attn'].sum(-1), 1.0, atol=1e-5)
@@ -184,26 +196,49 @@ def test_stochastic_depth_and_dropout():
   base, size = create_model(TEST_PRESET, num_classes=4, **SMALL)
   dropped, _ = create_model(TEST_PRESET, num_classes=4, drop_path_rate=0.5, drop_rate=0.2,
                             **SMALL)
+  assert dropped._drop_path_rates() == [(0.0,), (0.25, 0.5)]  # timm's linear schedule
   variables = _random_variables(base, size, seed=5)
   image = np.random.default_rng(6).uniform(size=(2, size, size, 3)).astype(np.float32)
 
-  eval_logits = np.asarray(_jit(base.apply, variables, image)(variables, image))
-  np.testing.assert_array_equal(
-      np.asarray(_jit(dropped.apply, variables, image)(variables, image)), eval_logits)
+  def run(v, x, key_a, key_b):  # one compile for all five calls
+    return (base.apply(v, x), dropped.apply(v, x),
+            dropped.apply(v, x, train=True, rngs={'dropout': key_a}),
+            dropped.apply(v, x, train=True, rngs={'dropout': key_b}),
+            base.apply(v, x, train=True, rngs={'dropout': key_a}))
 
-  key = jax.random.key(0)
-  train = _jit(lambda v, x, k: dropped.apply(v, x, train=True, rngs={'dropout': k}),
-               variables, image, key)
-  a = np.asarray(train(variables, image, jax.random.key(0)))
-  a_again = np.asarray(train(variables, image, jax.random.key(0)))
-  b = np.asarray(train(variables, image, jax.random.key(1)))
-  np.testing.assert_array_equal(a, a_again)
-  assert np.abs(a - eval_logits).max() > 1e-3
-  assert np.abs(a - b).max() > 1e-3
-  # Without drop rates, train mode is deterministic and equal to eval.
-  np.testing.assert_allclose(
-      np.asarray(base.apply(variables, image, train=True, rngs={'dropout': jax.random.key(0)})),
-      eval_logits, atol=1e-6)
+  keys = jax.random.key(0), jax.random.key(1)
+  outs = _jit(run, variables, image, *keys)(variables, image, *keys)
+  eval_base, eval_dropped, train_a, train_b, train_base = map(np.asarray, outs)
+  np.testing.assert_array_equal(eval_dropped, eval_base)    # identity in eval
+  assert np.abs(train_a - eval_base).max() > 1e-3           # active in train
+  assert np.abs(train_a - train_b).max() > 1e-3             # drawn from the 'dropout' rng
+  np.testing.assert_allclose(train_base, eval_base, atol=1e-6)  # no rates: train == eval
+  with pytest.raises(Exception, match='dropout'):          # train needs the rng
+    jax.eval_shape(lambda v, x: dropped.apply(v, x, train=True), variables, image)
+
+
+def test_drop_path_drops_whole_residual_branches_per_sample():
+  # 16 copies of one input through a block whose two residual branches each drop with rate
+  # 0.5: per-sample drop path leaves at most 4 distinct outputs (each branch kept or not),
+  # where element-wise dropout would make all 16 differ.
+  block = SwinBlock(dim=8, num_heads=2, window=4, shift=2, drop_path_rate=0.5)
+  x = np.broadcast_to(np.random.default_rng(9).standard_normal((1, 8, 8, 8)), (16, 8, 8, 8))
+  x = np.ascontiguousarray(x, dtype=np.float32)
+  abstract = jax.eval_shape(block.init, jax.random.key(0), x)
+  rng = np.random.default_rng(10)
+  variables = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), abstract)
+  def both(v, xx):
+    return (block.apply(v, xx, train=True, rngs={'dropout': jax.random.key(2)})[0],
+            block.apply(v, xx)[0])
+
+  out, eval_out = (np.asarray(o).reshape(16, -1) for o in _jit(both, variables, x)(variables, x))
+  distinct = np.unique(np.round(out, 4), axis=0)
+  assert 2 <= len(distinct) <= 4
+  # A sample whose two branches were both dropped is its input, unchanged (while in eval
+  # the block does change it).
+  flat_x = x.reshape(16, -1)
+  assert np.any(np.abs(out - flat_x).max(axis=1) < 1e-6)
+  assert np.abs(eval_out - flat_x).max() > 1e-2
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
@@ -213,12 +248,28 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {np.dtype(np.float32)}
   variables = _random_variables(module, size, seed=7)
   image = np.random.default_rng(8).uniform(size=(2, size, size, 3)).astype(np.float32)
-  full = np.asarray(_jit(module.apply, variables, image)(variables, image))
-  logits, inter = _apply_with_intermediates(half, variables, image)
+
+  def both(v, x):
+    return module.apply(v, x), half.apply(v, x, mutable=['intermediates'])
+
+  full, (logits, state) = _jit(both, variables, image)(variables, image)
+  full, logits = np.asarray(full), np.asarray(logits)
   assert logits.dtype == np.float32 and np.all(np.isfinite(logits))
-  assert inter['stage1'].dtype == jnp.bfloat16
-  scale = np.abs(full).max()
-  assert np.abs(logits - full).max() < 0.05 * scale + 0.02
+  assert state['intermediates']['stage1'][0].dtype == jnp.bfloat16
+  assert np.abs(logits - full).max() < 0.05 * np.abs(full).max() + 0.02
+  assert np.abs(logits - full).max() > 0  # bf16 really was used
+
+
+def test_layer_norm_is_exact_on_large_activations():
+  # Late stages of trained Swins carry activations of mean in the hundreds; the one-pass
+  # variance E[x^2] - E[x]^2 would be off by ~1e-2 there in float32.
+  x = (500 + np.random.default_rng(11).standard_normal((4, 768))).astype(np.float32)
+  norm = swin._layer_norm('norm', jnp.float32, jnp.float32)
+  out = np.asarray(norm.apply({'params': {'scale': np.ones(768, np.float32),
+                                          'bias': np.zeros(768, np.float32)}}, x))
+  x64 = x.astype(np.float64)
+  expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(out, expected, atol=1e-4)
 
 
 def test_wrong_image_size_is_a_clear_error():

@@ -108,7 +108,10 @@ def window_reverse(windows: jax.Array, window: int, height: int, width: int) -> 
 
 
 def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
+  # Two-pass variance, as PyTorch: E[x^2] - E[x]^2 loses precision on the large activations
+  # of late Swin stages.
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype,
+                      param_dtype=param_dtype, name=name)
 
 
 def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype,
@@ -354,13 +357,15 @@ class SwinTransformer(nn.Module):
   def attention_layout(self) -> tuple[tuple[int, int, int, int], ...]:
     """Per stage, `(height, width, window, shift)` of its last block at `img_size`.
 
-    Plain Python (works on an unbound module): `stage{i}_attn` has shape
-    `(B * (height // window) * (width // window), heads_i, window^2, window^2)` when the
-    window divides the grid, and its windows were taken after rolling the grid by `-shift`.
+    Plain Python (works on an unbound module). `stage{i}_attn` has shape
+    `(B * nW, heads_i, window^2, window^2)`, its windows row-major over the grid rolled by
+    `-shift` (rows and columns). When the window does not divide the grid, the rolled grid
+    was zero-padded at the bottom/right to a multiple of the window first (timm's order), so
+    `nW = ceil(height / window) * ceil(width / window)` (`num_stage_windows`).
     """
     grids = stage_grid_sizes(self.img_size, self.patch_size, len(self.depths))
     layout = []
-    for grid, depth in zip(grids, self.depths):
+    for grid, depth in zip(grids, self.depths, strict=True):
       window, shift = block_window_shift(grid, self.window_size, depth - 1)
       layout.append((grid, grid, window, shift))
     return tuple(layout)
@@ -395,7 +400,8 @@ class SwinTransformer(nn.Module):
                    param_dtype=self.param_dtype, name='patch_embed')(x)
     grids = stage_grid_sizes(self.img_size, self.patch_size, len(self.depths))
     rates = self._drop_path_rates()
-    for i, (dim, depth, heads) in enumerate(zip(self.stage_dims(), self.depths, self.num_heads)):
+    for i, (dim, depth, heads) in enumerate(
+        zip(self.stage_dims(), self.depths, self.num_heads, strict=True)):
       x, attn = SwinStage(
           dim, depth, heads, grids[i], self.window_size, downsample=i > 0,
           mlp_ratio=self.mlp_ratio, drop_path_rates=rates[i],

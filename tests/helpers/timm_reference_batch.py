@@ -5,7 +5,7 @@ module that needs several references pays that once with this helper. Every run 
 through `timm_reference`'s own entry point, so the saved files and `Reference` fields are
 exactly those of `timm_reference(...)`.
 
-    refs, counts = timm_references(tmp_path, {
+    refs, counts = shared_timm_references(tmp_path_factory, {
         'tiny': dict(model='swin_tiny_patch4_window7_224', num_classes=10, image_size=224,
                      hooks=['layers.0'], batch=1),
         'hf': dict(model='hf_swin', num_classes=10, image_size=64, hf_swin=True,
@@ -13,10 +13,17 @@ exactly those of `timm_reference(...)`.
     }, param_counts={'swin_t': ('swin_tiny_patch4_window7_224', {})})
     refs['tiny'].logits      # as timm_reference(tmp_path, 'swin_tiny_...', 10, 224, ...)
     counts['swin_t']         # parameters of the timm model at 1000 classes, built on 'meta'
+
+Under pytest-xdist a module's tests may run in several workers, each setting up the module's
+fixtures; `shared_timm_references` computes once per session (keyed by its arguments) and
+lets the other workers wait for and read the same files. `timm_references(tmp_path, ...)`
+is the plain, uncached version.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -67,6 +74,31 @@ def timm_references(tmp_path: pathlib.Path, specs: Mapping[str, Mapping[str, Any
   """
   root = pathlib.Path(tmp_path) / 'timm_references'
   root.mkdir(parents=True, exist_ok=True)
+  _run(root, specs, param_counts)
+  return _load_all(root, specs)
+
+
+def shared_timm_references(tmp_path_factory, specs: Mapping[str, Mapping[str, Any]],
+                           param_counts: Mapping[str, tuple[str, Mapping[str, Any]]] | None
+                           = None) -> tuple[dict[str, single.Reference], dict[str, int]]:
+  """`timm_references` computed once per pytest session, even across xdist workers."""
+  base = pathlib.Path(tmp_path_factory.getbasetemp())
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # the session's folder, shared by its workers
+  digest = hashlib.sha1(json.dumps([specs, param_counts], sort_keys=True, default=list)
+                        .encode()).hexdigest()[:12]
+  root = base / f'timm_references_{digest}'
+  root.mkdir(parents=True, exist_ok=True)
+  with open(root / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker computes, the others wait
+    if not (root / 'done').exists():
+      _run(root, specs, param_counts)
+      (root / 'done').touch()
+  return _load_all(root, specs)
+
+
+def _run(root: pathlib.Path, specs: Mapping[str, Mapping[str, Any]],
+         param_counts: Mapping[str, tuple[str, Mapping[str, Any]]] | None) -> None:
   job = {'runs': {label: _argv(root / label, spec) for label, spec in specs.items()},
          'param_counts': {k: [name, dict(kw)] for k, (name, kw) in (param_counts or {}).items()},
          'counts_file': str(root / 'param_counts.json')}
@@ -75,6 +107,10 @@ def timm_references(tmp_path: pathlib.Path, specs: Mapping[str, Mapping[str, Any
                         text=True, env=env, timeout=900)
   if proc.returncode != 0:
     raise RuntimeError(f'timm references failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+
+
+def _load_all(root: pathlib.Path, specs: Mapping[str, Mapping[str, Any]]
+              ) -> tuple[dict[str, single.Reference], dict[str, int]]:
   refs = {label: _load(root / label, spec.get('hooks', ())) for label, spec in specs.items()}
   with open(root / 'param_counts.json') as f:
     counts = json.load(f)
