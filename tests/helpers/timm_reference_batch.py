@@ -44,7 +44,8 @@ def _argv(out: pathlib.Path, spec: Mapping[str, Any]) -> list[str]:
           '--image_size', str(spec['image_size']), '--out', str(out),
           '--batch', str(spec.get('batch', 2)), '--seed', str(spec.get('seed', 0)),
           '--kwargs', json.dumps(spec.get('kwargs') or {}), '--hooks', *spec.get('hooks', ())]
-  return argv + (['--hf_swin'] if spec.get('hf_swin') else [])
+  return (argv + (['--hf_swin'] if spec.get('hf_swin') else [])
+          + (['--calibrate_bn'] if spec.get('calibrate_bn') else []))
 
 
 def _load(out: pathlib.Path, hooks) -> single.Reference:
@@ -65,7 +66,7 @@ def timm_references(tmp_path: pathlib.Path, specs: Mapping[str, Mapping[str, Any
   Args:
     tmp_path: folder for the checkpoints and outputs.
     specs: per label, `model`, `num_classes`, `image_size` and optionally `hooks`, `kwargs`,
-      `batch`, `seed`, `hf_swin` (as `timm_reference` takes them).
+      `batch`, `seed`, `hf_swin`, `calibrate_bn` (as `timm_reference` takes them).
     param_counts: `{label: (timm name, create_model kwargs)}` counted at 1000 classes on
       PyTorch's `meta` device (nothing allocated).
 
