@@ -371,8 +371,7 @@ class SwinTransformer(nn.Module):
     return tuple(layout)
 
   def _drop_path_rates(self) -> list[tuple[float, ...]]:
-    total = sum(self.depths)
-    rates = np.linspace(0.0, self.drop_path_rate, total) if total > 1 else np.zeros(total)
+    rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))  # one block: [0.0]
     out, start = [], 0
     for depth in self.depths:
       out.append(tuple(float(r) for r in rates[start:start + depth]))
