@@ -94,7 +94,7 @@ def _calibrate_batchnorm(model, generator, image_size: int, mean, std) -> None:
   for m in norms:
     m.reset_running_stats()
     m.momentum = None  # cumulative average: after one batch, exactly its statistics
-  x = torch.rand((8, 3, image_size, image_size), generator=generator)
+  x = torch.rand((4, 3, image_size, image_size), generator=generator)
   x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
   model.train()
   with torch.no_grad():

@@ -1,0 +1,274 @@
+"""MobileNetV3 Large / Small, numerically the same network as timm's `mobilenetv3_*`.
+
+    module = MobileNetV3(num_classes=10, variant='large', width_mult=1.0)
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    logits = module.apply(variables, images)                   # (B, 10) float32
+    logits, state = module.apply(variables, images, mutable=['intermediates'])
+    state['intermediates']['stage3']                           # ((B, 7, 7, 960),)
+
+Layout and names follow timm 1.0.31 (`timm/models/mobilenetv3.py::_gen_mobilenet_v3` and
+`_efficientnet_blocks.py`), so that a timm state dict maps key by key (`blocks.2.1.conv_dw` ->
+`blocks_2_1/conv_dw`):
+
+  conv_stem 3x3/2 -> bn1 + hard-swish -> blocks_{stage}_{block} -> global average pool ->
+  conv_head 1x1 (bias, no BN) + hard-swish -> dropout -> classifier (Dense).
+
+Blocks: `ds` depthwise-separable (dw -> SE -> pw, no activation after pw), `ir` inverted
+residual (pw expand -> dw -> SE -> pw linear), `cn` 1x1 conv + BN + activation. SE reduces to
+`make_divisible(mid / 4)` channels with ReLU, gates with hard-sigmoid, all 1x1 convolutions.
+Convolutions pad symmetrically by k // 2 (PyTorch style; Flax 'SAME' pads asymmetrically at
+stride 2). Channels are `make_divisible(c * width_mult)`; the stem stays 16 wide when
+`width_mult < 0.75` (timm `fix_stem`); the head width (1280 / 1024) is never scaled.
+
+Export-clean: every op on a rank-4 tensor is a convolution, element-wise op or mean, and the
+classifier Dense sees a 2-D `(B, C)` tensor, so jax2tf -> TFLite yields builtin ops only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# PyTorch BatchNorm defaults (momentum 0.1 -> Flax decay 0.9, eps 1e-5), as timm uses them.
+BN_MOMENTUM = 0.9
+BN_EPS = 1e-5
+
+# timm's arch_def, one tuple of block groups per stage:
+# (kind, repeats, kernel, stride of the first block, expansion, out channels, SE, activation).
+_RE, _HS = 'relu', 'hard_swish'
+_ARCH: dict[str, tuple[tuple[tuple[Any, ...], ...], ...]] = {
+    'large': (
+        (('ds', 1, 3, 1, 1.0, 16, False, _RE),),
+        (('ir', 1, 3, 2, 4.0, 24, False, _RE), ('ir', 1, 3, 1, 3.0, 24, False, _RE)),
+        (('ir', 3, 5, 2, 3.0, 40, True, _RE),),
+        (('ir', 1, 3, 2, 6.0, 80, False, _HS), ('ir', 1, 3, 1, 2.5, 80, False, _HS),
+         ('ir', 2, 3, 1, 2.3, 80, False, _HS)),
+        (('ir', 2, 3, 1, 6.0, 112, True, _HS),),
+        (('ir', 3, 5, 2, 6.0, 160, True, _HS),),
+        (('cn', 1, 1, 1, 1.0, 960, False, _HS),),
+    ),
+    'small': (
+        (('ds', 1, 3, 2, 1.0, 16, True, _RE),),
+        (('ir', 1, 3, 2, 4.5, 24, False, _RE), ('ir', 1, 3, 1, 3.67, 24, False, _RE)),
+        (('ir', 1, 5, 2, 4.0, 40, True, _HS), ('ir', 2, 5, 1, 6.0, 40, True, _HS)),
+        (('ir', 2, 5, 1, 3.0, 48, True, _HS),),
+        (('ir', 3, 5, 2, 6.0, 96, True, _HS),),
+        (('cn', 1, 1, 1, 1.0, 576, False, _HS),),
+    ),
+}
+# Stages whose outputs are the stride 4, 8, 16, 32 feature maps (timm `feature_info`).
+FEATURE_STAGES = {'large': (1, 2, 4, 6), 'small': (0, 1, 3, 5)}
+HEAD_FEATURES = {'large': 1280, 'small': 1024}
+STEM_FEATURES = 16
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'relu': nn.relu, 'hard_swish': jax.nn.hard_swish}
+
+
+def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+  """timm's channel rounding: nearest multiple of `divisor`, never below 90% of `value`."""
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  if rounded < round_limit * value:
+    rounded += divisor
+  return rounded
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """One resolved block: channel counts after width scaling and rounding.
+
+  Attributes:
+    kind: 'ds' (depthwise-separable), 'ir' (inverted residual) or 'cn' (conv-BN-act).
+    in_chs, mid_chs, out_chs: input, expanded (depthwise) and output channels.
+    se_chs: SE bottleneck width, 0 without SE.
+    kernel, stride: of the depthwise conv ('ds'/'ir') or of the conv ('cn').
+    act: 'relu' or 'hard_swish'.
+    has_skip: residual connection (stride 1, in == out, not 'cn').
+    drop_path: stochastic-depth rate of this block relative to `drop_path_rate`
+      (timm: block index / number of blocks).
+  """
+
+  kind: str
+  in_chs: int
+  mid_chs: int
+  out_chs: int
+  se_chs: int
+  kernel: int
+  stride: int
+  act: str
+  has_skip: bool
+  drop_path: float
+
+
+def stem_features(width_mult: float) -> int:
+  """Stem width: 16, scaled only when `width_mult >= 0.75` (timm `fix_stem`)."""
+  return STEM_FEATURES if width_mult < 0.75 else make_divisible(STEM_FEATURES * width_mult)
+
+
+def block_configs(variant: str, width_mult: float) -> tuple[tuple[BlockConfig, ...], ...]:
+  """Resolves timm's arch definition into per-stage tuples of `BlockConfig`."""
+  if variant not in _ARCH:
+    raise ValueError(f"MobileNetV3 variant must be 'large' or 'small', got {variant!r}")
+  if width_mult <= 0:
+    raise ValueError(f'MobileNetV3 width_mult must be positive, got {width_mult!r}')
+  arch = _ARCH[variant]
+  total = sum(group[1] for stage in arch for group in stage)
+  in_chs = stem_features(width_mult)
+  index = 0
+  stages = []
+  for stage in arch:
+    blocks = []
+    for kind, repeats, kernel, stride, expansion, out, se, act in stage:
+      out_chs = make_divisible(out * width_mult)
+      for r in range(repeats):
+        s = stride if r == 0 else 1
+        mid_chs = in_chs if kind != 'ir' else make_divisible(in_chs * expansion)
+        blocks.append(BlockConfig(
+            kind=kind, in_chs=in_chs, mid_chs=mid_chs, out_chs=out_chs,
+            se_chs=make_divisible(mid_chs * 0.25) if se else 0, kernel=kernel, stride=s,
+            act=act, has_skip=kind != 'cn' and s == 1 and in_chs == out_chs,
+            drop_path=index / total))
+        in_chs = out_chs
+        index += 1
+    stages.append(tuple(blocks))
+  return tuple(stages)
+
+
+class _Layers:
+  """Conv / BN factories sharing dtype settings (used inside `nn.compact` methods)."""
+
+  def __init__(self, dtype: Any, param_dtype: Any, train: bool):
+    self.dtype, self.param_dtype, self.train = dtype, param_dtype, train
+
+  def conv(self, features: int, kernel: int, stride: int = 1, groups: int = 1,
+           bias: bool = False, name: str | None = None) -> nn.Conv:
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=bias, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=name)
+
+  def bn(self, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not self.train, momentum=BN_MOMENTUM,
+                        epsilon=BN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=name)
+
+
+class SqueezeExcite(nn.Module):
+  """x * hard_sigmoid(conv_expand(relu(conv_reduce(mean_hw(x))))); `(B,H,W,C)` -> same."""
+
+  se_chs: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    layers = _Layers(self.dtype, self.param_dtype, train=False)
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.relu(layers.conv(self.se_chs, 1, bias=True, name='conv_reduce')(s))
+    s = layers.conv(x.shape[-1], 1, bias=True, name='conv_expand')(s)
+    return x * jax.nn.hard_sigmoid(s)
+
+
+class Block(nn.Module):
+  """One MobileNetV3 block (`BlockConfig.kind`); `(B,H,W,in)` -> `(B,H/s,W/s,out)`.
+
+  Parameter names are timm's: ds = conv_dw, bn1, se, conv_pw, bn2; ir = conv_pw, bn1, conv_dw,
+  bn2, se, conv_pwl, bn3; cn = conv, bn1.
+  """
+
+  config: BlockConfig
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = self.config
+    layers = _Layers(self.dtype, self.param_dtype, train)
+    act = _ACTIVATIONS[c.act]
+    shortcut = x
+    if c.kind == 'cn':
+      x = layers.conv(c.out_chs, c.kernel, c.stride, name='conv')(x)
+      return act(layers.bn('bn1')(x))
+    if c.kind == 'ir':
+      x = act(layers.bn('bn1')(layers.conv(c.mid_chs, 1, name='conv_pw')(x)))
+      dw_bn, pw_name, pw_bn = 'bn2', 'conv_pwl', 'bn3'
+    else:  # 'ds'
+      dw_bn, pw_name, pw_bn = 'bn1', 'conv_pw', 'bn2'
+    x = layers.conv(c.mid_chs, c.kernel, c.stride, groups=c.mid_chs, name='conv_dw')(x)
+    x = act(layers.bn(dw_bn)(x))
+    if c.se_chs:
+      x = SqueezeExcite(c.se_chs, dtype=self.dtype, param_dtype=self.param_dtype, name='se')(x)
+    x = layers.bn(pw_bn)(layers.conv(c.out_chs, 1, name=pw_name)(x))
+    if c.has_skip:
+      rate = self.drop_path_rate * c.drop_path
+      if rate > 0:  # stochastic depth: drop the whole residual branch per example
+        x = nn.Dropout(rate, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
+      x = x + shortcut
+    return x
+
+
+class MobileNetV3(nn.Module):
+  """MobileNetV3 classifier taking `(B, H, W, 3)` images in [0, 1].
+
+  Attributes:
+    num_classes: classifier outputs.
+    variant: 'large' or 'small'.
+    width_mult: channel multiplier (timm presets: large 0.75 / 1.0, small 0.5 / 0.75 / 1.0).
+    drop_rate: dropout before the classifier, train only (0.2 as in the MobileNetV3 paper and
+      timm's training recipe; timm's constructor default is 0, which only matters in training).
+    drop_path_rate: stochastic depth of the last block; earlier blocks scale linearly.
+    dtype: compute dtype (e.g. bfloat16); logits are always float32.
+    param_dtype: parameter dtype.
+  """
+
+  num_classes: int = 1000
+  variant: str = 'large'
+  width_mult: float = 1.0
+  drop_rate: float = 0.2
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self) -> None:
+    block_configs(self.variant, self.width_mult)  # a bad variant / width fails on creation
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """`(B, H, W, 3)` in [0, 1] -> `(B, num_classes)` float32 logits.
+
+    Sows `stage0..stage3` (strides 4, 8, 16, 32) into 'intermediates' when it is mutable.
+    With `train=True`, pass `mutable=['batch_stats']` and a 'dropout' rng if any rate > 0.
+    """
+    stages = block_configs(self.variant, self.width_mult)
+    layers = _Layers(self.dtype, self.param_dtype, train)
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    x = ((jnp.asarray(x, jnp.float32) - mean) / std).astype(self.dtype)
+
+    x = layers.conv(stem_features(self.width_mult), 3, 2, name='conv_stem')(x)
+    x = jax.nn.hard_swish(layers.bn('bn1')(x))
+    feature_stages = FEATURE_STAGES[self.variant]
+    for i, blocks in enumerate(stages):
+      for j, config in enumerate(blocks):
+        x = Block(config, self.drop_path_rate, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name=f'blocks_{i}_{j}')(x, train)
+      if i in feature_stages:
+        self.sow('intermediates', f'stage{feature_stages.index(i)}', x)
+
+    x = jnp.mean(x, axis=(1, 2), keepdims=True)                       # (B, 1, 1, C)
+    x = layers.conv(HEAD_FEATURES[self.variant], 1, bias=True, name='conv_head')(x)
+    x = jax.nn.hard_swish(x).reshape(x.shape[0], -1)                  # (B, head)
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name='classifier')(x)
+    return x.astype(jnp.float32)
