@@ -65,7 +65,7 @@ def _model_section(name: str) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
   """Every section with its defaults (see the module docstring)."""
-  from kdflax.data import default_data_config
+  from kdflax.data.config import default_data_config
   from kdflax.distill.objective import default_loss_config
 
   config = ml_collections.ConfigDict()

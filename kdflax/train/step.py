@@ -54,6 +54,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places every leaf of `tree` on all devices of `mesh` (replicated), as global arrays.
+
+  Place the train state and the teacher variables with this before the first step: the step
+  returns replicated arrays, and giving it the same placement from the start keeps it to a
+  single compilation. Works with several processes (each passes the same host values).
+  """
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                             lambda idx, x=np.asarray(x): x[idx]), tree)
+
+
 def teacher_forward(teacher: nn.Module | None, teacher_variables: Any, batch: Batch,
                     need_intermediates: bool = True) -> tuple[jax.Array | None, dict]:
   """Eval-mode teacher logits and intermediates, outside the gradient.

@@ -13,13 +13,13 @@ import numpy as np
 import optax
 
 from helpers.tiny_models import TinyCNN, TinyTeacher
-from kdflax.distill.losses import cross_entropy_loss, kd_loss
+from kdflax.distill.losses import cross_entropy, kd_loss
 from kdflax.train.state import create_train_state
-from kdflax.train.step import data_mesh, make_train_step
+from kdflax.train.step import data_mesh, make_train_step, replicate
 
 
 def loss_fn(adapters, s_logits, s_inter, t_logits, t_inter, labels, *, step, rng, mask):
-  ce = cross_entropy_loss(s_logits, labels, mask=mask)
+  ce = cross_entropy(s_logits, labels, mask=mask)
   kd = kd_loss(s_logits, t_logits, temperature=2.0)
   return ce + kd, {'ce': ce, 'kd': kd}
 
@@ -32,6 +32,7 @@ def run(devices, steps: int):
   tx = optax.sgd(0.1, momentum=0.9)
   state = create_train_state(s_vars, {}, tx, seed=3, ema_decay=0.9)
   mesh = data_mesh(devices)
+  state = replicate(state, mesh)
   step = make_train_step(student, teacher, loss_fn, mesh)
   rng = np.random.default_rng(0)
   t_before = jax.tree.map(np.asarray, t_vars)

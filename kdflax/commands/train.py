@@ -1,0 +1,70 @@
+"""`kdflax teacher | student | distill`: run one training stage from a config file.
+
+    kdflax teacher --config configs/beans_teacher.py --workdir runs/beans/teacher
+    kdflax student --config configs/beans_baseline.py --workdir runs/beans/student
+    kdflax distill --config configs/beans_hybrid.py --workdir runs/beans/hybrid \
+        --teacher_workdir runs/beans/teacher [--config.optim.learning_rate=3e-3 ...]
+
+`--workdir` holds everything of the run: the resolved `config.json`, Orbax checkpoints (a
+restart resumes from the latest), `metrics.jsonl`, TensorBoard events, `model_best/` and
+`model_final/` model directories, and `results.json`. Any config key can be overridden with
+`--config.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kdflax.train.config import ConfigError, load_config, save_config
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  """Known flags + the `--config.*` overrides (anything else is a usage error)."""
+  command = argv[0]
+  parser = argparse.ArgumentParser(prog=f'kdflax {command}', description=__doc__.splitlines()[0])
+  parser.add_argument('--config', required=True, help='config file (configs/*.py)')
+  parser.add_argument('--workdir', required=True, help='directory of this run')
+  if command == 'distill':
+    parser.add_argument('--teacher_workdir', default=None,
+                        help='workdir of a `kdflax teacher` run (uses its model_best/), or a '
+                             'model directory (from `kdflax convert`)')
+  args, rest = parser.parse_known_args(argv[1:])
+  bad = [a for a in rest if not a.startswith(('--config.', '-config.'))]
+  if bad:
+    parser.error(f'unrecognised arguments: {" ".join(bad)}')
+  return args, rest
+
+
+def resolve_teacher_dir(path: str | None) -> str | None:
+  """A teacher workdir means its `model_best/`; a model directory is used as it is."""
+  if not path:
+    return None
+  from kdflax.train.checkpoint import MODEL_JSON
+  from kdflax.train.loop import BEST_MODEL_DIR
+  if os.path.isfile(os.path.join(path, MODEL_JSON)):
+    return path
+  best = os.path.join(path, BEST_MODEL_DIR)
+  if os.path.isfile(os.path.join(best, MODEL_JSON)):
+    return best
+  raise FileNotFoundError(f'{path}: neither a model directory nor a teacher workdir with '
+                          f'{BEST_MODEL_DIR}/ (run `kdflax teacher` first)')
+
+
+def main(argv: list[str]) -> int:
+  command = argv[0]
+  args, overrides = parse_args(argv)
+  from kdflax.train.stages import StageError, run_stage
+  try:
+    config = load_config(args.config, overrides)
+    teacher_dir = resolve_teacher_dir(getattr(args, 'teacher_workdir', None))
+    save_config(config, args.workdir)
+    summary = run_stage(config, args.workdir, command, teacher_dir=teacher_dir)
+  except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
+    print(f'kdflax {command}: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps({k: summary[k] for k in ('stage', 'model', 'step', 'best', 'final',
+                                           'model_dir') if k in summary}, indent=2))
+  return 0

@@ -1,0 +1,256 @@
+"""The three training stages, wired from a config: teacher fine-tune, baseline student, distil.
+
+    summary = run_stage(config, workdir, 'distill', teacher_dir='runs/x/teacher/model_best')
+
+Each stage builds the data pipeline at the trained model's resolution (and the teacher's, when
+distilling), the model(s), the objective, the optimizer and the sharded step, then calls
+`kdflax.train.loop.fit`. This is the only place (with the CLI) where data, models, losses and
+the trainer meet.
+
+- `teacher`: trains `config.teacher` (optionally from `config.teacher.init_checkpoint`) with
+  cross-entropy, using `config.teacher.optim` / `config.teacher.train`.
+- `student`: trains `config.model` with cross-entropy (the baseline), using `config.optim` /
+  `config.train`.
+- `distill`: trains `config.model` with the full `config.loss` against a frozen teacher read
+  from a model directory, with the same optimizer and length as the baseline, so the two are
+  comparable.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from kdflax.distill.objective import ModelLayout, Objective
+from kdflax.models import complexity, registry
+from kdflax.train import checkpoint as model_io
+from kdflax.train.loop import BEST_MODEL_DIR, LoopOptions, ModelDescription, fit
+from kdflax.train.optim import make_optimizer
+from kdflax.train.state import create_train_state
+from kdflax.train.step import data_mesh, make_eval_step, make_train_step, replicate
+
+STAGES = ('teacher', 'student', 'distill')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+log = logging.getLogger(__name__)
+
+
+class StageError(ValueError):
+  """A stage cannot start: inconsistent config, teacher or data (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """The model a stage trains: its name, create_model overrides and resolution."""
+
+  name: str
+  overrides: Mapping[str, Any]
+  image_size: int
+  init_checkpoint: str
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` when `config.distributed.num_processes > 1`."""
+  dist = config.distributed
+  if int(dist.num_processes) <= 1:
+    return
+  if jax.distributed.is_initialized():
+    return
+  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=dist.coordinator_address or None,
+                             num_processes=int(dist.num_processes),
+                             process_id=int(dist.process_id))
+
+
+def _trained_model(config: ml_collections.ConfigDict, stage: str) -> TrainedModel:
+  section = config.teacher if stage == 'teacher' else config.model
+  _, default_size = registry.create_model(section.name, 1, **dict(section.overrides))
+  return TrainedModel(section.name, dict(section.overrides),
+                      int(section.image_size or default_size), section.init_checkpoint)
+
+
+def stage_loss_config(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any]:
+  """`config.loss` for `distill`; only its cross-entropy part for the other stages."""
+  loss = config.loss.to_dict()
+  if stage == 'distill':
+    return loss
+  ce_only = {name: {**section, 'weight': 0.0} if isinstance(section, dict) else section
+             for name, section in loss.items()}
+  ce_only['ce'] = {**loss['ce'], 'weight': 1.0}
+  return ce_only
+
+
+def model_layout(module) -> ModelLayout:
+  """Static facts the objective needs about a model's intermediates."""
+  window = {}
+  if hasattr(module, 'attention_layout'):
+    window = {f'stage{i}_attn': tuple(layout)
+              for i, layout in enumerate(module.attention_layout())}
+  prefix = int(getattr(module, 'num_prefix_tokens', 0) or 0)
+  grid = getattr(module, 'grid_size', None)
+  grid = (grid, grid) if isinstance(grid, int) else (tuple(grid) if grid else None)
+  return ModelLayout(window_attention=window, num_prefix_tokens=prefix, token_grid=grid)
+
+
+def intermediates_shapes(module, variables: Any, image_size: int) -> dict[str, Any]:
+  """`jax.eval_shape` of a model's sown intermediates for a batch of 1."""
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  _, state = jax.eval_shape(
+      lambda v, xx: module.apply(v, xx, train=False, mutable=['intermediates']), variables, x)
+  return dict(state.get('intermediates', {}))
+
+
+def load_initial_variables(variables: Mapping[str, Any], directory: str,
+                           log_fn: Callable[[str], None]) -> dict[str, Any]:
+  """Copies every variable of the model dir at `directory` whose path and shape match.
+
+  Heads of another size (an ImageNet checkpoint fine-tuned on 10 classes) keep their fresh
+  initialisation; the caller is told which. Nothing else may differ.
+  """
+  info, loaded = model_io.load_model(directory)
+  fresh = traverse_util.flatten_dict(dict(variables), sep='/')
+  ckpt = traverse_util.flatten_dict(dict(loaded), sep='/')
+  kept, reinit = {}, []
+  for key, value in fresh.items():
+    if key in ckpt and tuple(ckpt[key].shape) == tuple(value.shape):
+      kept[key] = jnp.asarray(ckpt[key], value.dtype)
+    else:
+      kept[key] = value
+      reinit.append(key)
+  missing_ratio = len(reinit) / max(len(fresh), 1)
+  if missing_ratio > 0.1:
+    raise StageError(f'{directory}: init checkpoint of {info.model} does not fit: '
+                     f'{len(reinit)} of {len(fresh)} variables differ (e.g. {reinit[:3]})')
+  if reinit:
+    log_fn(f'init from {directory}: re-initialised {", ".join(reinit)}')
+  return traverse_util.unflatten_dict(kept, sep='/')
+
+
+def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
+              teacher_dir: str | None = None, log_fn: Callable[[str], None] = print,
+              stop_after: int = 0) -> dict[str, Any]:
+  """Runs one stage to completion (resuming from `workdir` if it holds a checkpoint).
+
+  Args:
+    config: a full run config (`kdflax.train.config.base_config()` layout).
+    workdir: this stage's directory (checkpoints, metrics, model_best/, model_final/).
+    stage: 'teacher', 'student' or 'distill'.
+    teacher_dir: distill only: the teacher's model directory (default
+      `config.teacher.checkpoint`).
+    log_fn: one-line messages.
+    stop_after: > 0 returns after that step (tests of resume).
+
+  Returns:
+    The loop summary plus `model_dir` (the best model), `params`, `gmacs`.
+  """
+  if stage not in STAGES:
+    raise StageError(f'unknown stage {stage!r}; expected one of {STAGES}')
+  from kdflax.data.pipeline import make_datasets
+
+  maybe_initialize_distributed(config)
+  dtype_name = (config.teacher.train if stage == 'teacher' else config.train).compute_dtype
+  if dtype_name not in DTYPES:
+    raise StageError(f'config.train.compute_dtype must be one of {sorted(DTYPES)}, '
+                     f'got {dtype_name!r}')
+  dtype = DTYPES[dtype_name]
+  train_cfg = config.teacher.train if stage == 'teacher' else config.train
+  optim_cfg = config.teacher.optim if stage == 'teacher' else config.optim
+  trained = _trained_model(config, stage)
+
+  teacher = teacher_vars = teacher_info = None
+  teacher_size = None
+  if stage == 'distill':
+    teacher_dir = teacher_dir or config.teacher.checkpoint
+    if not teacher_dir:
+      raise StageError('distill needs a teacher: --teacher_workdir DIR, or '
+                       '--config.teacher.checkpoint=MODEL_DIR (from `kdflax teacher` or '
+                       '`kdflax convert`)')
+    try:
+      teacher_info, teacher_vars = model_io.load_model(teacher_dir)
+    except (FileNotFoundError, ValueError) as e:
+      raise StageError(f'teacher: {e}') from None
+    teacher, teacher_size = teacher_info.create(dtype=dtype)
+    if config.teacher.image_size:
+      teacher_size = int(config.teacher.image_size)
+
+  data = make_datasets(config.data, image_size=trained.image_size,
+                       teacher_image_size=teacher_size,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+  labels = tuple(data.labels)
+  num_classes = len(labels)
+  if teacher_info is not None and teacher_info.num_classes != num_classes:
+    raise StageError(
+        f'teacher {teacher_dir} has {teacher_info.num_classes} classes but the data '
+        f'({config.data.source}: {config.data.root or config.data.name}) has {num_classes}; '
+        'fine-tune the teacher on this data first (kdflax teacher)')
+  if teacher_info is not None and teacher_info.labels and tuple(teacher_info.labels) != labels:
+    raise StageError(f'teacher {teacher_dir} labels {list(teacher_info.labels)} differ from '
+                     f'the data labels {list(labels)}')
+
+  module, _ = registry.create_model(trained.name, num_classes, dtype=dtype, **trained.overrides)
+  key = jax.random.key(config.seed)
+  dummy = jnp.zeros((1, trained.image_size, trained.image_size, 3), jnp.float32)
+  variables = jax.jit(module.init)(key, dummy)
+  if trained.init_checkpoint:
+    variables = load_initial_variables(variables, trained.init_checkpoint, log_fn)
+
+  objective = Objective(
+      stage_loss_config(config, stage),
+      intermediates_shapes(teacher, teacher_vars, teacher_size) if teacher else None,
+      intermediates_shapes(module, variables, trained.image_size),
+      teacher_layout=model_layout(teacher) if teacher else None,
+      student_layout=model_layout(module))
+  adapter_params = objective.init(jax.random.fold_in(key, 1))
+
+  mesh = data_mesh()
+  if int(config.data.batch_size) % mesh.size:
+    raise StageError(f'config.data.batch_size={config.data.batch_size} must divide by the '
+                     f'{mesh.size} devices')
+  steps_per_epoch = data.steps_per_epoch
+  total_steps = int(train_cfg.num_steps) or int(train_cfg.num_epochs) * steps_per_epoch
+  tx = make_optimizer(optim_cfg, total_steps)
+  state = create_train_state(variables, adapter_params, tx, seed=config.seed,
+                             ema_decay=float(train_cfg.ema_decay))
+  state = replicate(state, mesh)
+  if teacher_vars is not None:
+    teacher_vars = replicate(teacher_vars, mesh)
+
+  needs_teacher_maps = any(
+      float(config.loss[name].weight) > 0 for name in ('attention', 'manifold')
+  ) and stage == 'distill'
+  train_step = make_train_step(module, teacher, objective.apply, mesh,
+                               teacher_intermediates=needs_teacher_maps)
+  eval_step = make_eval_step(module, mesh)
+  options = LoopOptions(
+      total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      log_every=int(train_cfg.log_every), eval_every=int(train_cfg.eval_every),
+      checkpoint_every=int(train_cfg.checkpoint_every),
+      keep_checkpoints=int(train_cfg.keep_checkpoints),
+      progress=bool(train_cfg.progress), stop_after=stop_after)
+  desc = ModelDescription(trained.name, num_classes, trained.image_size, labels,
+                          _json_overrides(trained.overrides))
+  cost = complexity.model_complexity(module.clone(dtype=jnp.float32), trained.image_size)
+  log_fn(f'[{stage}] {trained.name} at {trained.image_size}px, {num_classes} classes, '
+         f'{cost["params"]:,} params, {cost["gmacs"]:.3f} GMACs; {data.num_train} train images, '
+         f'{total_steps} steps of {config.data.batch_size} on {mesh.size} device(s)'
+         + (f'; teacher {teacher_info.model} at {teacher_size}px' if teacher_info else ''))
+  summary = fit(state, train_step, eval_step, teacher_vars, data.train, data.eval, options,
+                workdir, mesh, desc, log=log_fn)
+  summary.update(stage=stage, model=trained.name, params=cost['params'], gmacs=cost['gmacs'],
+                 model_dir=os.path.join(os.path.abspath(workdir), BEST_MODEL_DIR))
+  return summary
+
+
+def _json_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in copy.deepcopy(
+      dict(overrides)).items()}
