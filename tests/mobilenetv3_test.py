@@ -5,8 +5,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers.timm_mnv3_facts import timm_mnv3_facts
+
 from kdflax.convert.timm import convert_state_dict
 from kdflax.models import complexity, create_model
 from kdflax.models import mobilenetv3 as mnv3

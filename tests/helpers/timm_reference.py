@@ -13,9 +13,10 @@ timm only.
 
 The timm model is fed `(image - mean) / std` in NCHW, using the model's own pretrained config.
 BatchNorm running statistics are randomised too, so that parity covers them. With
-`calibrate_bn=True` they are instead the statistics of a random calibration batch (still
-arbitrary per channel, as in a trained net): a deep random BatchNorm net (MobileNetV3-Large)
-otherwise reaches activations of ~100, where float32 rounding alone exceeds a 1e-4 tolerance.
+`calibrate_bn=True` they are instead the statistics of the reference batch itself (still
+arbitrary per channel, and the eval-mode net then normalises like a trained one): a deep random
+BatchNorm net (MobileNetV3-Large) otherwise reaches activations of ~100, where float32 rounding
+alone exceeds a 1e-4 tolerance.
 """
 
 from __future__ import annotations
@@ -86,20 +87,18 @@ def _randomise_buffers(model, generator) -> None:
         bias.add_(0.02 * torch.randn(bias.shape, generator=generator))
 
 
-def _calibrate_batchnorm(model, generator, image_size: int, mean, std) -> None:
-  """Sets every BatchNorm's running stats to those of one random calibration batch."""
+def _calibrate_batchnorm(model, x) -> None:
+  """Sets every BatchNorm's running stats to those of the (normalised NCHW) batch `x`."""
   import torch
   norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
   momenta = [m.momentum for m in norms]
   for m in norms:
     m.reset_running_stats()
     m.momentum = None  # cumulative average: after one batch, exactly its statistics
-  x = torch.rand((4, 3, image_size, image_size), generator=generator)
-  x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
   model.train()
   with torch.no_grad():
     model(x)
-  for m, momentum in zip(norms, momenta):
+  for m, momentum in zip(norms, momenta, strict=True):
     m.momentum = momentum
   model.eval()
 
@@ -134,8 +133,6 @@ def _main() -> None:
                               **kwargs).eval()
     mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
   _randomise_buffers(model, generator)
-  if args.calibrate_bn:
-    _calibrate_batchnorm(model, generator, args.image_size, mean, std)
 
   captured = {}
   named = dict(model.named_modules())
@@ -149,6 +146,8 @@ def _main() -> None:
   image = rng.uniform(0, 1, (args.batch, args.image_size, args.image_size, 3)).astype(np.float32)
   x = torch.from_numpy(image).permute(0, 3, 1, 2)
   x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+  if args.calibrate_bn:
+    _calibrate_batchnorm(model, x)
   with torch.no_grad():
     logits = model(x)
     logits = getattr(logits, 'logits', logits)
