@@ -38,7 +38,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   return args, rest
 
 
-def resolve_teacher_dir(path: str | None) -> str | None:
+def resolve_model_dir(path: str | None) -> str | None:
   """A teacher workdir means its `model_best/`; a model directory is used as it is."""
   if not path:
     return None
@@ -56,15 +56,19 @@ def resolve_teacher_dir(path: str | None) -> str | None:
 def main(argv: list[str]) -> int:
   command = argv[0]
   args, overrides = parse_args(argv)
+  from kdflax.train.loop import NonFiniteLossError
   from kdflax.train.stages import StageError, run_stage
   try:
     config = load_config(args.config, overrides)
-    teacher_dir = resolve_teacher_dir(getattr(args, 'teacher_workdir', None))
+    teacher_dir = resolve_model_dir(getattr(args, 'teacher_workdir', None))
     save_config(config, args.workdir)
     summary = run_stage(config, args.workdir, command, teacher_dir=teacher_dir)
   except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
     print(f'kdflax {command}: {e}', file=sys.stderr)
     return 2
+  except NonFiniteLossError as e:
+    print(f'kdflax {command}: {e}', file=sys.stderr)
+    return 3
   print(json.dumps({k: summary[k] for k in ('stage', 'model', 'step', 'best', 'final',
                                            'model_dir') if k in summary}, indent=2))
   return 0

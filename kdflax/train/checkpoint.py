@@ -84,7 +84,11 @@ def save_model(directory: str | os.PathLike, variables: Mapping[str, Any], model
   tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.tmp-', dir=parent)
   try:
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(variables))
-    checkpointer = ocp.StandardCheckpointer()
+    # Model directories are written by one process (the caller decides which): host NumPy
+    # arrays, no cross-process barrier.
+    solo = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                              active_processes={jax.process_index()})
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=solo)
     checkpointer.save(os.path.join(tmp, VARIABLES_DIR), host)
     checkpointer.wait_until_finished()
     info = {'model': model, 'num_classes': int(num_classes), 'image_size': int(image_size),
@@ -119,5 +123,7 @@ def load_model(directory: str | os.PathLike) -> tuple[ModelInfo, dict[str, Any]]
   """Reads a model directory: `(info, variables)` with NumPy leaves."""
   info = read_model_info(directory)
   path = os.path.abspath(os.path.join(os.fspath(directory), VARIABLES_DIR))
-  variables = ocp.StandardCheckpointer().restore(path)
+  solo = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                            active_processes={jax.process_index()})
+  variables = ocp.StandardCheckpointer(multiprocessing_options=solo).restore(path)
   return info, jax.tree.map(np.asarray, variables)

@@ -65,8 +65,9 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     return
   if jax.distributed.is_initialized():
     return
-  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Cross-process collectives between CPU devices (tests, CPU clusters); no effect on GPU/TPU.
+  # Must not query the backend before initialize(), so it is set unconditionally.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=dist.coordinator_address or None,
                              num_processes=int(dist.num_processes),
                              process_id=int(dist.process_id))

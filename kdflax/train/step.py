@@ -108,7 +108,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, loss_fn: Loss
 
   Returns:
     The step. `metrics` holds `loss`, every term of `loss_fn`, `top1` (batch accuracy on
-    `label`), `grad_norm` and `learning_rate` when the optimizer exposes it, as scalars.
+    `label`), `grad_norm`, `param_norm` (after the update) and `learning_rate` when the
+    optimizer exposes it, as scalars.
   """
 
   def step_fn(state: TrainState, teacher_variables: Any, batch: Batch):
@@ -146,7 +147,10 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, loss_fn: Loss
     denom = jnp.maximum(mask.sum(), 1.0)
     metrics = {'loss': loss, **terms,
                'top1': (_topk_correct(logits, labels, 1) * mask).sum() / denom,
-               'grad_norm': optax.global_norm(grads['student'])}
+               'grad_norm': optax.global_norm(grads['student']),
+               # The NaN guard reads this too: an update can overflow the weights while the
+               # loss it was computed from is still finite.
+               'param_norm': optax.global_norm(params['student'])}
     lr = _learning_rate(opt_state)
     if lr is not None:
       metrics['learning_rate'] = lr

@@ -1,0 +1,103 @@
+"""`kdflax pipeline`: teacher -> baseline student -> distilled student -> export -> report.
+
+    kdflax pipeline --config configs/quickstart.py --workdir runs/quickstart
+
+Stages run in `WORKDIR/{teacher,student,distill}` (each resumes from its own checkpoints, so
+re-running a killed pipeline continues where it stopped; finished stages are not redone).
+With `--config.teacher.checkpoint=MODEL_DIR` (e.g. from `kdflax convert`) the teacher stage is
+skipped. The distilled student's best model is exported to `WORKDIR/export/` at each of
+`config.export.precisions`, and a results table is printed and written to
+`WORKDIR/results.md` / `results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from kdflax.train.config import ConfigError, load_config, save_config
+
+
+def _row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+  best = summary.get('best', {})
+  return {'stage': name, 'model': summary.get('model', ''), 'params': summary.get('params'),
+          'gmacs': summary.get('gmacs'), 'top1': best.get('top1'), 'top5': best.get('top5'),
+          'detail': summary.get('detail', '')}
+
+
+def format_results(rows: list[dict[str, Any]]) -> str:
+  """A Markdown table of the pipeline's results."""
+  lines = ['| stage | model | params | GMACs | val top-1 | val top-5 | |',
+           '|---|---|---:|---:|---:|---:|---|']
+  for r in rows:
+    params = f'{r["params"]:,}' if r.get('params') else '-'
+    gmacs = f'{r["gmacs"]:.3f}' if r.get('gmacs') is not None else '-'
+    top1 = f'{100 * r["top1"]:.1f}%' if r.get('top1') is not None else '-'
+    top5 = f'{100 * r["top5"]:.1f}%' if r.get('top5') is not None else '-'
+    lines.append(f'| {r["stage"]} | {r["model"]} | {params} | {gmacs} | {top1} | {top5} | '
+                 f'{r.get("detail", "")} |')
+  return '\n'.join(lines)
+
+
+def export_stage(config, model_dir: str, out_dir: str) -> list[dict[str, Any]]:
+  """Exports `model_dir` at each configured precision; one results row per file."""
+  from kdflax.export.pipeline_export import export_for_pipeline
+  return export_for_pipeline(config, model_dir, out_dir)
+
+
+def run_pipeline(config, workdir: str, log=print) -> list[dict[str, Any]]:
+  """Runs every stage (see the module docstring); returns the results rows."""
+  from kdflax.train.stages import run_stage
+  start = time.perf_counter()
+  rows = []
+  teacher_dir = config.teacher.checkpoint
+  if not teacher_dir:
+    summary = run_stage(config, os.path.join(workdir, 'teacher'), 'teacher', log_fn=log)
+    rows.append(_row('teacher', summary))
+    teacher_dir = summary['model_dir']
+  else:
+    log(f'[teacher] using {teacher_dir} (config.teacher.checkpoint)')
+  summary = run_stage(config, os.path.join(workdir, 'student'), 'student', log_fn=log)
+  rows.append(_row('baseline student', summary))
+  summary = run_stage(config, os.path.join(workdir, 'distill'), 'distill',
+                      teacher_dir=teacher_dir, log_fn=log)
+  rows.append(_row('distilled student', summary))
+  if config.export.enabled and config.export.precisions:
+    rows.extend(export_stage(config, summary['model_dir'], os.path.join(workdir, 'export')))
+  table = format_results(rows)
+  minutes = (time.perf_counter() - start) / 60
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(f'# kdflax pipeline results\n\n{table}\n\nwall time {minutes:.1f} min\n')
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump({'rows': rows, 'wall_minutes': round(minutes, 2)}, f, indent=2)
+  log(f'\n{table}\n\npipeline finished in {minutes:.1f} min; results in '
+      f'{os.path.join(workdir, "results.md")}')
+  return rows
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog='kdflax pipeline', description=__doc__.splitlines()[0])
+  parser.add_argument('--config', required=True)
+  parser.add_argument('--workdir', required=True)
+  args, rest = parser.parse_known_args(argv[1:])
+  bad = [a for a in rest if not a.startswith('--config.')]
+  if bad:
+    parser.error(f'unrecognised arguments: {" ".join(bad)}')
+  from kdflax.train.loop import NonFiniteLossError
+  from kdflax.train.stages import StageError
+  try:
+    config = load_config(args.config, rest)
+    save_config(config, args.workdir)
+    run_pipeline(config, args.workdir)
+  except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
+    print(f'kdflax pipeline: {e}', file=sys.stderr)
+    return 2
+  except NonFiniteLossError as e:
+    print(f'kdflax pipeline: {e}', file=sys.stderr)
+    return 3
+  return 0

@@ -1,0 +1,140 @@
+"""The training loop end to end, in subprocesses: exact resume after SIGKILL, multi-host,
+NaN guard, and the one-line errors of the CLI."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from kdflax.train import checkpoint as model_io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')
+ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_PLATFORMS': 'cpu',
+       'PYTHONUNBUFFERED': '1'}
+
+
+def kdflax(*args, **kwargs) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, '-m', 'kdflax.cli', *args], cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def run(*args, timeout=600) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'kdflax.cli', *args], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _variables(model_dir):
+  return jax.tree.leaves(model_io.load_model(model_dir)[1])
+
+
+def _last_step(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    steps = [json.loads(line)['step'] for line in f if line.strip().endswith('}')]
+  return max(steps, default=0)
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
+  reference, killed = str(tmp_path / 'reference'), str(tmp_path / 'killed')
+  proc = run('student', '--config', CONFIG, '--workdir', reference)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  kill_at = random.Random(os.getpid()).randint(2, 10)
+  victim = kdflax('student', '--config', CONFIG, '--workdir', killed)
+  deadline = time.time() + 600
+  while _last_step(killed) < kill_at and victim.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  assert victim.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+  assert not os.path.exists(os.path.join(killed, 'model_final'))
+
+  proc = run('student', '--config', CONFIG, '--workdir', killed)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'resumed from step' in proc.stdout
+  for a, b in zip(_variables(os.path.join(reference, 'model_final')),
+                  _variables(os.path.join(killed, 'model_final')), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+  common = ['--config.train.num_steps=3', '--config.train.eval_every=3']
+  port = _free_port()
+  workers = [kdflax('student', '--config', CONFIG, '--workdir', two, *common,
+                    '--config.distributed.num_processes=2',
+                    f'--config.distributed.process_id={i}',
+                    f'--config.distributed.coordinator_address=127.0.0.1:{port}')
+             for i in range(2)]
+  single = run('student', '--config', CONFIG, '--workdir', one, *common)
+  outputs = [w.communicate(timeout=600) for w in workers]
+  for w, (_, err) in zip(workers, outputs):
+    assert w.returncode == 0, err[-3000:]
+  assert single.returncode == 0, single.stderr[-3000:]
+  for a, b in zip(_variables(os.path.join(one, 'model_final')),
+                  _variables(os.path.join(two, 'model_final')), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  # Only process 0 writes metrics.
+  with open(os.path.join(two, 'metrics.jsonl')) as f:
+    assert sum(1 for line in f if '"train/loss"' in line) == 3
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  # Warm-up from 0 makes step 1 a no-op (a good checkpoint), then the learning rate explodes.
+  workdir = str(tmp_path / 'nan')
+  proc = run('student', '--config', CONFIG, '--workdir', workdir,
+             '--config.optim.name=sgd', '--config.optim.learning_rate=1e30',
+             '--config.optim.grad_clip_norm=0', '--config.optim.warmup_steps=4')
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('kdflax')]
+  assert len(lines) == 1 and 'non-finite' in lines[0], proc.stderr[-2000:]
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                 if s.isdigit())
+  assert steps and steps[-1] < 12
+  from kdflax.train.loop import checkpoint_manager
+  restored = checkpoint_manager(workdir, 2).restore(steps[-1])
+  floats = [np.asarray(x) for x in jax.tree.leaves(restored)
+            if np.issubdtype(np.asarray(x).dtype, np.floating)]
+  assert floats and all(np.all(np.isfinite(x)) for x in floats)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.optim.learnin_rate=0.1'], "unknown config key 'optim.learnin_rate'"),
+    (['--config.data.root=/nonexistent/leaves'], '/nonexistent/leaves'),
+])
+def test_config_and_data_errors_are_one_line(tmp_path, args, message):
+  proc = run('student', '--config', CONFIG, '--workdir', str(tmp_path / 'w'), *args)
+  assert proc.returncode == 2
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('kdflax')]
+  assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+
+
+def test_distill_refuses_a_teacher_with_other_classes(tmp_path):
+  from kdflax.models import create_model
+  teacher, size = create_model('vit_test_patch8_32', 5)
+  variables = jax.jit(teacher.init)(jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
+  teacher_dir = model_io.save_model(tmp_path / 'teacher', variables, 'vit_test_patch8_32', 5,
+                                    size)
+  proc = run('distill', '--config', CONFIG, '--workdir', str(tmp_path / 'w'),
+             '--teacher_workdir', teacher_dir, '--config.loss.kd.weight=1.0')
+  assert proc.returncode == 2
+  assert 'has 5 classes but the data' in proc.stderr
+  assert 'Traceback' not in proc.stderr
