@@ -86,6 +86,23 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def load_sibling(config_file: str, name: str):
+  """Imports `name.py` from the folder of `config_file` (config files sharing a base).
+
+      # configs/beans_hybrid.py
+      def get_config():
+        config = load_sibling(__file__, 'beans_common').get_config()
+  """
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'kdflax_configs_{name}', path)
+  if spec is None or not os.path.isfile(path):
+    raise ConfigError(f'{config_file}: sibling config {path!r} does not exist')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 _OVERRIDE = re.compile(r'^--?config\.([A-Za-z0-9_.]+)(=.*)?$')
 
 
@@ -122,23 +139,46 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   file_part = path.split(':', 1)[0]
   if not os.path.isfile(file_part):
     raise ConfigError(f'config file {file_part!r} does not exist')
-  argv = ['kdflax', f'--config={path}', *[a for a in overrides if _OVERRIDE.match(a)]]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
-                                  lock_config=True, sys_argv=argv,
-                                  accept_new_attributes=False)
+  wanted = [a for a in overrides if _OVERRIDE.match(a)]
   try:
     base = _load_without_overrides(path)
   except Exception as e:  # noqa: BLE001 - a user's config file can raise anything.
     raise ConfigError(f'{file_part}: get_config() failed: {type(e).__name__}: {e}') from None
-  _check_override_keys(base, argv[2:], file_part)
+  _check_override_keys(base, wanted, file_part)
+  # `*.overrides.<field>` may name create_model fields the config file did not set, which
+  # ml_collections' locked parsing cannot add: those are applied here after parsing.
+  free = [a for a in wanted if '.overrides.' in a.split('=', 1)[0]]
+  argv = ['kdflax', f'--config={path}', *[a for a in wanted if a not in free]]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
+                                  lock_config=True, sys_argv=argv)
   try:
     values(argv)
   except flags.Error as e:
     raise ConfigError(f'{file_part}: {e}') from None
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     raise ConfigError(f'{file_part}: bad override: {type(e).__name__}: {e}') from None
-  return values.config
+  config = values.config
+  for arg in free:
+    _set_free_override(config, arg, file_part)
+  return config
+
+
+def _set_free_override(config: ml_collections.ConfigDict, arg: str, source: str) -> None:
+  import ast
+  key, sep, raw = arg.lstrip('-')[len('config.'):].partition('=')
+  if not sep:
+    raise ConfigError(f'{source}: {arg!r} needs a value (--config.{key}=VALUE)')
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw  # a bare word is a string
+  *parents, field = key.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  with node.unlocked():
+    node[field] = value
 
 
 def _load_without_overrides(path: str) -> ml_collections.ConfigDict:
