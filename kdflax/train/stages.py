@@ -137,66 +137,86 @@ def load_initial_variables(variables: Mapping[str, Any], directory: str,
   return traverse_util.unflatten_dict(kept, sep='/')
 
 
-def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
-              teacher_dir: str | None = None, log_fn: Callable[[str], None] = print,
-              stop_after: int = 0) -> dict[str, Any]:
-  """Runs one stage to completion (resuming from `workdir` if it holds a checkpoint).
+@dataclasses.dataclass
+class StageSetup:
+  """Everything a stage needs to run (see `prepare_stage`)."""
 
-  Args:
-    config: a full run config (`kdflax.train.config.base_config()` layout).
-    workdir: this stage's directory (checkpoints, metrics, model_best/, model_final/).
-    stage: 'teacher', 'student' or 'distill'.
-    teacher_dir: distill only: the teacher's model directory (default
-      `config.teacher.checkpoint`).
-    log_fn: one-line messages.
-    stop_after: > 0 returns after that step (tests of resume).
+  stage: str
+  data: Any
+  module: Any
+  teacher: Any
+  teacher_variables: Any
+  teacher_model: str
+  teacher_size: int | None
+  state: Any
+  train_step: Callable
+  eval_step: Callable
+  mesh: Any
+  options: LoopOptions
+  description: ModelDescription
+  cost: dict[str, float]
 
-  Returns:
-    The loop summary plus `model_dir` (the best model), `params`, `gmacs`.
+
+def _load_teacher(config, teacher_dir: str | None, random_teacher: bool, dtype):
+  """`(module, variables, image_size, info-or-None, source)` of the distillation teacher."""
+  if random_teacher:  # benchmarks: the speed of a step does not depend on the weights
+    module, size = registry.create_model(config.teacher.name, 1, dtype=dtype,
+                                         **dict(config.teacher.overrides))
+    return module, None, int(config.teacher.image_size or size), None, 'random'
+  teacher_dir = teacher_dir or config.teacher.checkpoint
+  if not teacher_dir:
+    raise StageError('distill needs a teacher: --teacher_workdir DIR, or '
+                     '--config.teacher.checkpoint=MODEL_DIR (from `kdflax teacher` or '
+                     '`kdflax convert`)')
+  try:
+    info, variables = model_io.load_model(teacher_dir)
+  except (FileNotFoundError, ValueError) as e:
+    raise StageError(f'teacher: {e}') from None
+  module, size = info.create(dtype=dtype)
+  return module, variables, int(config.teacher.image_size or size), info, teacher_dir
+
+
+def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: str | None = None,
+                  log_fn: Callable[[str], None] = print, stop_after: int = 0,
+                  random_teacher: bool = False) -> StageSetup:
+  """Builds data, model(s), objective, optimizer, state and the sharded steps of a stage.
+
+  `random_teacher=True` (benchmarks only) gives `distill` a freshly initialised teacher of
+  `config.teacher` instead of a trained one. Errors in the config, the teacher or the data are
+  `StageError`s (or the data's `ValueError`s) raised here, before anything is compiled.
   """
   if stage not in STAGES:
     raise StageError(f'unknown stage {stage!r}; expected one of {STAGES}')
   from kdflax.data.pipeline import make_datasets
 
   maybe_initialize_distributed(config)
-  dtype_name = (config.teacher.train if stage == 'teacher' else config.train).compute_dtype
-  if dtype_name not in DTYPES:
-    raise StageError(f'config.train.compute_dtype must be one of {sorted(DTYPES)}, '
-                     f'got {dtype_name!r}')
-  dtype = DTYPES[dtype_name]
   train_cfg = config.teacher.train if stage == 'teacher' else config.train
   optim_cfg = config.teacher.optim if stage == 'teacher' else config.optim
+  if train_cfg.compute_dtype not in DTYPES:
+    raise StageError(f'config.train.compute_dtype must be one of {sorted(DTYPES)}, '
+                     f'got {train_cfg.compute_dtype!r}')
+  dtype = DTYPES[train_cfg.compute_dtype]
   trained = _trained_model(config, stage)
 
-  teacher = teacher_vars = teacher_info = None
-  teacher_size = None
+  teacher = teacher_vars = info = None
+  teacher_size, source = None, ''
   if stage == 'distill':
-    teacher_dir = teacher_dir or config.teacher.checkpoint
-    if not teacher_dir:
-      raise StageError('distill needs a teacher: --teacher_workdir DIR, or '
-                       '--config.teacher.checkpoint=MODEL_DIR (from `kdflax teacher` or '
-                       '`kdflax convert`)')
-    try:
-      teacher_info, teacher_vars = model_io.load_model(teacher_dir)
-    except (FileNotFoundError, ValueError) as e:
-      raise StageError(f'teacher: {e}') from None
-    teacher, teacher_size = teacher_info.create(dtype=dtype)
-    if config.teacher.image_size:
-      teacher_size = int(config.teacher.image_size)
+    teacher, teacher_vars, teacher_size, info, source = _load_teacher(
+        config, teacher_dir, random_teacher, dtype)
 
   data = make_datasets(config.data, image_size=trained.image_size,
                        teacher_image_size=teacher_size,
                        process_index=jax.process_index(), process_count=jax.process_count())
   labels = tuple(data.labels)
   num_classes = len(labels)
-  if teacher_info is not None and teacher_info.num_classes != num_classes:
+  if info is not None and info.num_classes != num_classes:
     raise StageError(
-        f'teacher {teacher_dir} has {teacher_info.num_classes} classes but the data '
+        f'teacher {source} has {info.num_classes} classes but the data '
         f'({config.data.source}: {config.data.root or config.data.name}) has {num_classes}; '
         'fine-tune the teacher on this data first (kdflax teacher)')
-  if teacher_info is not None and teacher_info.labels and tuple(teacher_info.labels) != labels:
-    raise StageError(f'teacher {teacher_dir} labels {list(teacher_info.labels)} differ from '
-                     f'the data labels {list(labels)}')
+  if info is not None and info.labels and tuple(info.labels) != labels:
+    raise StageError(f'teacher {source} labels {list(info.labels)} differ from the data '
+                     f'labels {list(labels)}')
 
   module, _ = registry.create_model(trained.name, num_classes, dtype=dtype, **trained.overrides)
   key = jax.random.key(config.seed)
@@ -204,6 +224,10 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   variables = jax.jit(module.init)(key, dummy)
   if trained.init_checkpoint:
     variables = load_initial_variables(variables, trained.init_checkpoint, log_fn)
+  if teacher is not None and teacher_vars is None:
+    teacher = teacher.clone(num_classes=num_classes)
+    teacher_vars = jax.jit(teacher.init)(
+        jax.random.fold_in(key, 2), jnp.zeros((1, teacher_size, teacher_size, 3)))
 
   objective = Objective(
       stage_loss_config(config, stage),
@@ -220,34 +244,71 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   steps_per_epoch = data.steps_per_epoch
   total_steps = int(train_cfg.num_steps) or int(train_cfg.num_epochs) * steps_per_epoch
   tx = make_optimizer(optim_cfg, total_steps)
-  state = create_train_state(variables, adapter_params, tx, seed=config.seed,
-                             ema_decay=float(train_cfg.ema_decay))
-  state = replicate(state, mesh)
+  state = replicate(create_train_state(variables, adapter_params, tx, seed=config.seed,
+                                       ema_decay=float(train_cfg.ema_decay)), mesh)
   if teacher_vars is not None:
     teacher_vars = replicate(teacher_vars, mesh)
-
-  needs_teacher_maps = any(
-      float(config.loss[name].weight) > 0 for name in ('attention', 'manifold')
-  ) and stage == 'distill'
-  train_step = make_train_step(module, teacher, objective.apply, mesh,
-                               teacher_intermediates=needs_teacher_maps)
-  eval_step = make_eval_step(module, mesh)
+  needs_teacher_maps = stage == 'distill' and any(
+      float(config.loss[name].weight) > 0 for name in ('attention', 'manifold'))
   options = LoopOptions(
       total_steps=total_steps, steps_per_epoch=steps_per_epoch,
       log_every=int(train_cfg.log_every), eval_every=int(train_cfg.eval_every),
       checkpoint_every=int(train_cfg.checkpoint_every),
       keep_checkpoints=int(train_cfg.keep_checkpoints),
       progress=bool(train_cfg.progress), stop_after=stop_after)
-  desc = ModelDescription(trained.name, num_classes, trained.image_size, labels,
-                          _json_overrides(trained.overrides))
-  cost = complexity.model_complexity(module.clone(dtype=jnp.float32), trained.image_size)
-  log_fn(f'[{stage}] {trained.name} at {trained.image_size}px, {num_classes} classes, '
-         f'{cost["params"]:,} params, {cost["gmacs"]:.3f} GMACs; {data.num_train} train images, '
-         f'{total_steps} steps of {config.data.batch_size} on {mesh.size} device(s)'
-         + (f'; teacher {teacher_info.model} at {teacher_size}px' if teacher_info else ''))
-  summary = fit(state, train_step, eval_step, teacher_vars, data.train, data.eval, options,
-                workdir, mesh, desc, log=log_fn)
-  summary.update(stage=stage, model=trained.name, params=cost['params'], gmacs=cost['gmacs'],
+  return StageSetup(
+      stage=stage, data=data, module=module, teacher=teacher, teacher_variables=teacher_vars,
+      teacher_model=info.model if info else (config.teacher.name if teacher else ''),
+      teacher_size=teacher_size, state=state,
+      train_step=make_train_step(module, teacher, objective.apply, mesh,
+                                 teacher_intermediates=needs_teacher_maps),
+      eval_step=make_eval_step(module, mesh), mesh=mesh, options=options,
+      description=ModelDescription(trained.name, num_classes, trained.image_size, labels,
+                                   _json_overrides(trained.overrides)),
+      cost=complexity.model_complexity(module.clone(dtype=jnp.float32), trained.image_size))
+
+
+def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
+              teacher_dir: str | None = None, log_fn: Callable[[str], None] = print,
+              stop_after: int = 0) -> dict[str, Any]:
+  """Runs one stage to completion (resuming from `workdir` if it holds a checkpoint).
+
+  Args:
+    config: a full run config (`kdflax.train.config.base_config()` layout).
+    workdir: this stage's directory (checkpoints, metrics, model_best/, model_final/).
+    stage: 'teacher', 'student' or 'distill'.
+    teacher_dir: distill only: the teacher's model directory (default
+      `config.teacher.checkpoint`).
+    log_fn: one-line messages.
+    stop_after: > 0 returns after that step (tests of resume).
+
+  Returns:
+    The loop summary plus `model_dir` (the best model), `params`, `gmacs`, and
+    `corrupt_images` (how many unreadable images the train stream skipped).
+  """
+  setup = prepare_stage(config, stage, teacher_dir, log_fn, stop_after)
+  desc, cost = setup.description, setup.cost
+  log_fn(f'[{stage}] {desc.name} at {desc.image_size}px, {desc.num_classes} classes, '
+         f'{cost["params"]:,} params, {cost["gmacs"]:.3f} GMACs; {setup.data.num_train} train '
+         f'images, {setup.options.total_steps} steps of {config.data.batch_size} on '
+         f'{setup.mesh.size} device(s)'
+         + (f'; teacher {setup.teacher_model} at {setup.teacher_size}px' if setup.teacher
+            else ''))
+  streams = []
+
+  def train_batches(start_step: int):
+    streams.append(setup.data.train(start_step))
+    return streams[-1]
+
+  summary = fit(setup.state, setup.train_step, setup.eval_step, setup.teacher_variables,
+                train_batches, setup.data.eval, setup.options, workdir, setup.mesh, desc,
+                log=log_fn)
+  corrupt = sum(s.corrupt.count for s in streams)
+  if corrupt:
+    log_fn(f'[{stage}] skipped {corrupt} unreadable image(s): '
+           f'{", ".join(sorted({k for s in streams for k in s.corrupt.keys})[:10])}')
+  summary.update(stage=stage, model=desc.name, params=cost['params'], gmacs=cost['gmacs'],
+                 corrupt_images=corrupt,
                  model_dir=os.path.join(os.path.abspath(workdir), BEST_MODEL_DIR))
   return summary
 
