@@ -257,3 +257,21 @@ def test_bad_shapes_are_clear_errors(batch):
     losses.cross_entropy(jnp.asarray(student), jnp.zeros((4, 1), jnp.int32))
   with pytest.raises(ValueError, match='labels must have shape'):
     losses.dkd_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(labels[:2]))
+
+
+def test_cross_entropy_with_soft_targets_matches_numpy():
+  rng = np.random.default_rng(7)
+  logits = rng.normal(size=(4, 5)).astype(np.float32)
+  lam = rng.uniform(size=(4, 1)).astype(np.float32)
+  a, b = np.eye(5, dtype=np.float32)[[0, 1, 2, 3]], np.eye(5, dtype=np.float32)[[4, 0, 1, 2]]
+  soft = lam * a + (1 - lam) * b                                  # mixup targets
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected = float(np.mean(-(soft * log_p).sum(-1)))
+  np.testing.assert_allclose(float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(soft))),
+                             expected, rtol=1e-5)
+  # One-hot soft targets are the integer-label loss.
+  np.testing.assert_allclose(
+      float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(a))),
+      float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray([0, 1, 2, 3]))), rtol=1e-6)
+  with pytest.raises(ValueError, match='soft targets'):
+    losses.cross_entropy(jnp.asarray(logits), jnp.zeros((4, 3)))

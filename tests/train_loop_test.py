@@ -138,3 +138,18 @@ def test_distill_refuses_a_teacher_with_other_classes(tmp_path):
   assert proc.returncode == 2
   assert 'has 5 classes but the data' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_bfloat16_compute_with_mixup_soft_labels(tmp_path):
+  """bf16 activations, float32 params, and mixup/CutMix soft targets through the whole stack."""
+  workdir = str(tmp_path / 'bf16')
+  proc = run('student', '--config', CONFIG, '--workdir', workdir,
+             '--config.train.compute_dtype=bfloat16', '--config.data.mixup_alpha=0.4',
+             '--config.data.cutmix_alpha=1.0', '--config.train.num_steps=3',
+             '--config.train.eval_every=3')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  leaves = _variables(os.path.join(workdir, 'model_final'))
+  assert all(x.dtype == np.float32 and np.all(np.isfinite(x)) for x in leaves)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records if 'train/loss' in r] == [1, 2, 3]

@@ -94,15 +94,20 @@ def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0,
                   mask: Array | None = None) -> Array:
   """Softmax cross-entropy of `(B, K)` logits against integer labels `(B,)`.
 
-  With `label_smoothing = eps` the target is `(1 - eps) * onehot + eps / K`; its minimum over
+  `labels` may also be soft targets `(B, K)` (rows summing to 1, e.g. from mixup/CutMix).
+  With `label_smoothing = eps` the target is `(1 - eps) * target + eps / K`; its minimum over
   the logits is the entropy of that target (0 without smoothing).
   """
   _check_logits('logits', logits)
-  if labels.shape != logits.shape[:1]:
-    raise ValueError(f'labels must have shape {logits.shape[:1]}, got {labels.shape}')
   num_classes = logits.shape[-1]
   log_probs = jax.nn.log_softmax(upcast(logits), axis=-1)
-  targets = jax.nn.one_hot(labels, num_classes, dtype=log_probs.dtype)
+  if labels.shape == logits.shape:
+    targets = labels.astype(log_probs.dtype)
+  elif labels.shape == logits.shape[:1]:
+    targets = jax.nn.one_hot(labels, num_classes, dtype=log_probs.dtype)
+  else:
+    raise ValueError(f'labels must have shape {logits.shape[:1]} (classes) or {logits.shape} '
+                     f'(soft targets), got {labels.shape}')
   if label_smoothing:
     targets = (1.0 - label_smoothing) * targets + label_smoothing / num_classes
   return masked_mean(-jnp.sum(targets * log_probs, axis=-1), mask)

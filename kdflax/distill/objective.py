@@ -532,7 +532,8 @@ class Objective:
             teacher_logits: Array | Sequence[Array] | None,
             teacher_intermediates: Mapping[str, Any] | None, labels: Array, *,
             step: Array | int | None = None, rng: Array | None = None,
-            mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
+            mask: Array | None = None, soft_labels: Array | None = None
+            ) -> tuple[Array, dict[str, Array]]:
     """The total loss and every active weighted term.
 
     Args:
@@ -546,6 +547,8 @@ class Objective:
       rng: PRNG key for the manifold loss's random token sample (pair i, in sorted name
         order, uses `fold_in(rng, i)`); needed when the manifold term is active.
       mask: optional `(B,)` example weights (0 for padding).
+      soft_labels: optional `(B, K)` targets (mixup/CutMix) for the cross-entropy term; the
+        other terms keep the integer `labels`.
 
     Returns:
       `(total, terms)`: a float32 scalar and `{term: weighted value}` including `'total'`.
@@ -568,7 +571,8 @@ class Objective:
     if self.active('ce'):
       logits = self._student_logits(c['ce']['logits'], student_logits, s_int)
       terms['ce'] = c['ce']['weight'] * losses.cross_entropy(
-          logits, labels, c['ce']['label_smoothing'], mask)
+          logits, labels if soft_labels is None else soft_labels,
+          c['ce']['label_smoothing'], mask)
     if self.active('kd'):
       logits = self._student_logits(c['kd']['logits'], student_logits, s_int)
       terms['kd'] = c['kd']['weight'] * losses.kd_loss(

@@ -16,7 +16,8 @@ global batch. The state buffers are donated: the old state is invalid after a st
                           step=step, rng=key, mask=mask)
 
 with logits `(B, K)`, intermediates as sown by the models (`{'stage0': (array,), ...}`),
-integer labels `(B,)` and `mask` `(B,)` (1 for real examples). `teacher_logits` is None and
+integer labels `(B,)` and `mask` `(B,)` (1 for real examples); batches from mixup/CutMix add
+`soft_labels=` `(B, K)`. `teacher_logits` is None and
 `teacher_intermediates` is `{}` when there is no teacher (teacher fine-tuning, baseline).
 """
 
@@ -128,9 +129,10 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, loss_fn: Loss
         mutable.append('batch_stats')
       logits, new_state = student.apply(variables, batch['image'], train=True,
                                         rngs={'dropout': dropout_key}, mutable=mutable)
+      extra = {'soft_labels': batch['soft_label']} if 'soft_label' in batch else {}
       loss, terms = loss_fn(params['adapters'], logits, new_state['intermediates'],
                             t_logits, t_inter, labels, step=state.step, rng=loss_key,
-                            mask=mask)
+                            mask=mask, **extra)
       return loss, (terms, new_state.get('batch_stats', {}), logits)
 
     (loss, (terms, batch_stats, logits)), grads = jax.value_and_grad(
