@@ -1,9 +1,11 @@
 """jax2tf -> TFLite export machinery on small models: precisions, parity, failures, atomicity."""
 
+import collections
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.export_models import TinyCNN, TinyGelu, init_calibrated, leaf_images
@@ -181,16 +183,61 @@ def test_int8_needs_real_calibration_images(tmp_path, cnn):
   assert _dir_listing(tmp_path) == []
 
 
-def test_hard_swish_rewrite_is_exact_and_complete(cnn, photos):
+def test_rewrites_keep_the_function(cnn, photos):
   module, variables = cnn
   fn = tflite.serving_function(module, variables)
-  rewritten = lowering.rewrite_calls(fn, lowering.INT8_RULES)
   spec = jax.ShapeDtypeStruct((2, SIZE, SIZE, 3), np.uint8)
   names = ('hard_silu', 'hard_swish')
-  assert lowering.count_calls(fn, spec, names) == 2
-  assert lowering.count_calls(rewritten, spec, names) == 0
-  np.testing.assert_allclose(np.asarray(jax.jit(rewritten)(photos[:4])),
-                             np.asarray(jax.jit(fn)(photos[:4])), atol=1e-5)
+  want = np.asarray(jax.jit(fn)(photos[:4]))
+  for precision in ('fp32', 'int8'):
+    rewritten = lowering.for_precision(fn, precision)
+    got = np.asarray(jax.jit(rewritten)(photos[:4]))
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=precision)
+    calls = lowering.count_calls(rewritten, spec, names)
+    assert calls == (2 if precision == 'fp32' else 0), precision  # kept whole only in float
+
+
+def test_lazy_scales_fold_into_weights():
+  """x/255, (x - mean)/std, the mean's 1/(H*W) and hard-sigmoid's 1/6 leave no multiply."""
+  w1 = np.random.default_rng(0).normal(size=(3, 3, 3, 8)).astype(np.float32)
+  w2 = np.random.default_rng(1).normal(size=(8, 4)).astype(np.float32)
+  w3 = np.random.default_rng(3).normal(size=(1, 1, 8, 8)).astype(np.float32)
+  mean, std = np.asarray([0.5, 0.4, 0.3], np.float32), np.asarray([0.2, 0.25, 0.3], np.float32)
+
+  def fn(img):
+    x = (img.astype(np.float32) / 255.0 - mean) / std
+    x = jax.lax.conv_general_dilated(x, w1, (2, 2), ((1, 1), (1, 1)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    s = jax.lax.conv_general_dilated(x.mean(axis=(1, 2), keepdims=True), w3, (1, 1), 'VALID',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x = x * jax.nn.hard_sigmoid(s)  # squeeze-excite
+    return jnp.mean(x, axis=(1, 2)) @ w2
+
+  img = np.random.default_rng(2).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  rewritten = lowering.for_precision(fn, 'fp32')
+  np.testing.assert_allclose(np.asarray(jax.jit(rewritten)(img)), np.asarray(jax.jit(fn)(img)),
+                             rtol=1e-5, atol=1e-5)
+  prims = collections.Counter(e.primitive.name for e in jax.make_jaxpr(rewritten)(img).jaxpr.eqns)
+  assert prims['div'] == 0
+  # The only multiply left is the SE gate (x * s): no multiplication by a constant.
+  eqns = [e for e in jax.make_jaxpr(rewritten)(img).jaxpr.eqns if e.primitive.name == 'mul']
+  assert len(eqns) == 1
+  assert all(not isinstance(v, jax.extend.core.Literal) for v in eqns[0].invars)
+  # The per-channel `x - mean` runs on the (B, H, W*3) view.
+  assert any(e.primitive.name == 'sub' and e.outvars[0].aval.shape == (2, 16, 48)
+             for e in jax.make_jaxpr(rewritten)(img).jaxpr.eqns)
+
+
+def test_int8_graph_runs_in_one_xnnpack_partition(tmp_path, cnn, photos):
+  module, variables = cnn
+  out = tmp_path / 'm.tflite'
+  tflite.export_tflite(module, variables, SIZE, out, 'int8', calibration_images=photos)
+  assert TFLiteClassifier(out).delegate_partitions == 1
+  plain = tflite.convert(tflite.serving_function(module, variables), SIZE, 'int8',
+                         calibration_images=photos)
+  (tmp_path / 'plain.tflite').write_bytes(plain)  # without the rewrites: HARD_SWISH splits it
+  assert 'HARD_SWISH' in flatbuffer.op_names(plain)
+  assert TFLiteClassifier(tmp_path / 'plain.tflite').delegate_partitions > 1
 
 
 def test_parity_criteria():

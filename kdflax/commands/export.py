@@ -169,7 +169,7 @@ def _run(args: argparse.Namespace) -> int:
     eval_images, eval_labels = _eval_set(args.eval_dir, size, args.num_eval, labels)
     print(f'eval: {len(eval_images)} labelled images from {args.eval_dir}', file=sys.stderr)
   if args.model and calib is not None and 'batch_stats' in variables:
-    from kdflax.export.batch_stats import calibrate_batch_stats
+    from kdflax.export.stand_in import calibrate_batch_stats
     variables = calibrate_batch_stats(module, variables, calib[:32])
     print('fresh weights: BatchNorm statistics set from the calibration images',
           file=sys.stderr)

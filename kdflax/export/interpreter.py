@@ -84,6 +84,11 @@ class TFLiteClassifier:
       return tuple(line.rstrip('\n') for line in f if line.strip())
 
   @property
+  def delegate_partitions(self) -> int:
+    """Subgraphs handed to a delegate (XNNPACK on CPU): 1 means the whole model runs there."""
+    return sum(op['op_name'] == 'DELEGATE' for op in self.interpreter._get_ops_details())
+
+  @property
   def input_dtype(self) -> np.dtype:
     return np.dtype(self._input['dtype'])
 

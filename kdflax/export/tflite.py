@@ -339,9 +339,9 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
       raise ValueError(f'{name}: expected (N, {image_size}, {image_size}, 3) uint8, '
                        f'got {np.asarray(arr).shape}')
 
-  # int8: hard-swish as ops XNNPACK runs quantized (see lowering.py); the JAX reference
-  # below still uses `fn` itself.
-  export_fn = lowering.rewrite_calls(fn, lowering.INT8_RULES) if precision == 'int8' else fn
+  # Same function, re-expressed with ops LiteRT runs fast at this precision (lowering.py);
+  # the JAX reference below still uses `fn` itself.
+  export_fn = lowering.for_precision(fn, precision)
   model = convert(export_fn, image_size, precision, batch, input_type, calibration_images)
   meta = {
       'format': 'kdflax-tflite/1', 'model': model_name, 'precision': precision,

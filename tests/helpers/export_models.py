@@ -71,6 +71,6 @@ def leaf_images(size: int, split: str = 'val', per_class: int = 4) -> np.ndarray
 
 def init_calibrated(module: nn.Module, size: int, images: np.ndarray, seed: int = 0) -> dict:
   """Random weights with BatchNorm statistics of `images` (so activations are O(1))."""
-  from kdflax.export.batch_stats import calibrate_batch_stats
+  from kdflax.export.stand_in import calibrate_batch_stats
   variables = module.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
   return calibrate_batch_stats(module, variables, images)
