@@ -27,7 +27,7 @@ venv: $(VENV)/.base-installed
 venv-full: $(VENV)/.full-installed
 
 demo: $(VENV)/.base-installed
-	$(VENV)/bin/kdflax demo
+	$(VENV)/bin/kdflax demo --workdir runs/demo
 
 test: $(VENV)/.full-installed
 	$(PY) -m pytest -n $(TEST_WORKERS) --timeout 900 --durations 15 $(PYTEST_ARGS)

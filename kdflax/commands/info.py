@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import time
 
 import jax
@@ -49,8 +50,12 @@ def _sown_shapes(module, variables, image_size: int) -> dict[str, tuple[int, ...
   return {k: tuple(v[0].shape) for k, v in state['intermediates'].items()}
 
 
+def _natural(key: str) -> tuple:
+  return tuple(int(t) if t.isdigit() else t for t in re.split(r'(\d+)', key))
+
+
 def _format_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
-  keys = [k for k in shapes if not k.endswith('_attn')]
+  keys = sorted((k for k in shapes if not k.endswith('_attn')), key=_natural)
   text = ' '.join(f'{k}{list(shapes[k][1:])}' for k in keys[:6])
   if len(keys) > 6:
     text += f' ... ({len(keys)} maps)'
@@ -95,7 +100,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--num_classes', type=int, default=1000)
   parser.add_argument('--forward', action='store_true',
                       help='initialise each model and time a forward pass on bundled photos')
-  parser.add_argument('--photos', type=int, default=4, help='photos per forward pass')
+  parser.add_argument('--photos', type=int, default=3, help='photos per forward pass')
   args = parser.parse_args(argv[1:])
   names = args.models or sorted(registry.MODELS)
   for name in names:
