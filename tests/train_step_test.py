@@ -14,6 +14,7 @@ import pytest
 from helpers.tiny_models import TinyCNN, TinyTeacher
 from kdflax.distill.objective import Objective, default_loss_config
 from kdflax.models import create_model
+from kdflax.models.init import init_variables
 from kdflax.train.stages import intermediates_shapes, model_layout
 from kdflax.train.state import create_train_state
 from kdflax.train.step import data_mesh, make_eval_step, make_train_step, replicate
@@ -92,8 +93,7 @@ def _tiny_pair():
   teacher, _ = create_model('swin_test_patch4_window4_64', 5, img_size=32, window_size=2,
                             embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
   student, _ = create_model('mobilenetv3_small_050', 5)
-  x = jnp.zeros((1, 32, 32, 3))
-  return teacher, teacher.init(jax.random.key(0), x), student, student.init(jax.random.key(1), x)
+  return teacher, init_variables(teacher, 0, 32), student, init_variables(student, 1, 32)
 
 
 def _overfit(config, student, s_vars, teacher, t_vars, size, steps=30, lr=3e-3):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdflax.models import complexity, registry
+from kdflax.models.init import init_variables
 
 SAMPLE_DIR = os.path.join(os.path.dirname(__file__), '..', '..', 'data', 'beans_sample', 'val')
 
@@ -73,7 +74,7 @@ def describe(name: str, num_classes: int, forward: bool, photos: list[str]) -> d
          'gmacs': complexity.count_macs(module, abstract, size) / 1e9, 'resolution': size,
          'sown': _sown_shapes(module, abstract, size), 'ms_per_image': None, 'top1': None}
   if forward:
-    variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    variables = init_variables(module, 0, size)
     images = jnp.asarray(load_photos(photos, size))
     apply = jax.jit(module.apply)
     jax.block_until_ready(apply(variables, images))       # compile

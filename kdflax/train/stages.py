@@ -33,6 +33,7 @@ from flax import traverse_util
 
 from kdflax.distill.objective import ModelLayout, Objective
 from kdflax.models import complexity, registry
+from kdflax.models.init import init_variables
 from kdflax.train import checkpoint as model_io
 from kdflax.train.loop import BEST_MODEL_DIR, LoopOptions, ModelDescription, fit
 from kdflax.train.optim import make_optimizer
@@ -220,14 +221,12 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
 
   module, _ = registry.create_model(trained.name, num_classes, dtype=dtype, **trained.overrides)
   key = jax.random.key(config.seed)
-  dummy = jnp.zeros((1, trained.image_size, trained.image_size, 3), jnp.float32)
-  variables = jax.jit(module.init)(key, dummy)
+  variables = init_variables(module, key, trained.image_size)
   if trained.init_checkpoint:
     variables = load_initial_variables(variables, trained.init_checkpoint, log_fn)
   if teacher is not None and teacher_vars is None:
     teacher = teacher.clone(num_classes=num_classes)
-    teacher_vars = jax.jit(teacher.init)(
-        jax.random.fold_in(key, 2), jnp.zeros((1, teacher_size, teacher_size, 3)))
+    teacher_vars = init_variables(teacher, jax.random.fold_in(key, 2), teacher_size)
 
   objective = Objective(
       stage_loss_config(config, stage),
