@@ -149,7 +149,11 @@ def main(argv: list[str]) -> int:
   try:
     return _run(args)
   except (ValueError, FileNotFoundError, RuntimeError) as e:
-    print(f'kdflax export: error: {e}', file=sys.stderr)
+    hint = ''
+    if args.model and 'parity FAILED' in str(e):
+      hint = ('\n  (freshly initialised weights have no class margins, so reduced precision '
+              'flips their arg-max; --allow-mismatch exports them anyway, e.g. for benchmarks)')
+    print(f'kdflax export: error: {e}{hint}', file=sys.stderr)
     return 1
 
 
