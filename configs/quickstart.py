@@ -24,6 +24,7 @@ def get_config():
   config.teacher.name = 'swin_test_patch4_window4_64'
   config.teacher.train.num_epochs = 30
   config.teacher.train.log_every = 5
+  config.teacher.train.eval_every = 50
   config.teacher.optim.learning_rate = 2e-3
   config.teacher.optim.weight_decay = 0.05
 
@@ -31,6 +32,7 @@ def get_config():
   config.model.image_size = 64
   config.train.num_epochs = 30
   config.train.log_every = 5
+  config.train.eval_every = 50
   config.optim.learning_rate = 4e-3
 
   config.loss.ce.weight = 1.0
@@ -41,5 +43,5 @@ def get_config():
       f'stage{i}': {'teacher': f'stage{i}', 'student': f'stage{i}'} for i in range(4)}
 
   config.export.precisions = ('fp32', 'int8')
-  config.export.calibration_images = 32
+  config.export.calibration_images = 120
   return config
