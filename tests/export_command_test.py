@@ -92,3 +92,14 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys):
   assert code == 1
   assert "unknown model 'resnet50'" in capsys.readouterr().err
   assert os.listdir(tmp_path) == []
+
+
+def test_int8_swin_is_refused_naming_the_op(tmp_path, capsys):
+  out = tmp_path / 'swin.tflite'
+  code = cli.main(['export', '--model', 'swin_test_patch4_window4_64', '--num_classes', '3',
+                   '--out', str(out), '--precision', 'int8', '--calibration',
+                   str(BEANS / 'val'), '--num_calibration', '4', '--no-report'])
+  err = capsys.readouterr().err
+  assert code == 1
+  assert 'int8 export is not possible' in err and 'exact GELU' in err
+  assert os.listdir(tmp_path) == []

@@ -270,3 +270,18 @@ def test_metadata_round_trip_and_replace(cnn):
   assert flatbuffer.op_names(twice) == flatbuffer.op_names(content)
   # The other metadata the converter wrote survives.
   assert flatbuffer.read_metadata(twice, 'min_runtime_version') is not None
+
+
+def test_calibrated_batch_stats_are_the_batch_statistics(photos):
+  """After calibration, eval mode (running stats) computes what train mode (batch stats) does."""
+  from kdflax.export.stand_in import calibrate_batch_stats
+  module = TinyCNN(num_classes=3)
+  variables = module.init(jax.random.key(1), np.zeros((1, SIZE, SIZE, 3), np.float32))
+  x = photos.astype(np.float32) / 255.0
+  train, _ = module.apply(variables, x, train=True, mutable=['batch_stats'])
+  before = module.apply(variables, x)
+  calibrated = calibrate_batch_stats(module, variables, photos)
+  after = module.apply(calibrated, x)
+  assert np.abs(np.asarray(before) - np.asarray(train)).max() > 0.1
+  np.testing.assert_allclose(np.asarray(after), np.asarray(train), rtol=1e-4, atol=1e-4)
+  assert jax.tree.structure(calibrated) == jax.tree.structure(dict(variables))

@@ -3,7 +3,7 @@
     kdflax export --checkpoint runs/distill/best --out out/student.tflite --precision int8 \\
         --calibration data/beans_sample/train --eval data/beans_sample/val
     kdflax export --checkpoint DIR --out out/student.tflite --precision fp32 fp16 int8 \\
-        --calibration DIR          # -> student_fp32.tflite, student_fp16.tflite, student_int8.tflite
+        --calibration DIR    # -> student_fp32.tflite, student_fp16.tflite, student_int8.tflite
     kdflax export --model mobilenetv3_large_100 --num_classes 10 --out out/m.tflite \\
         --calibration data/beans_sample/train      # freshly initialised weights, for benchmarks
 
@@ -80,16 +80,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict, int, tuple[str, ...], st
                        '--image_size cannot change it')
     return (module, variables, args.image_size or image_size, info.labels, info.model,
             f'model directory {args.checkpoint}')
-  import jax
-  import jax.numpy as jnp
-
   from kdflax.models import create_model
+  from kdflax.models.init import init_variables
   labels = tuple(s.strip() for s in args.labels.split(',')) if args.labels else ()
   module, image_size = create_model(args.model, args.num_classes)
   if args.image_size and hasattr(module, 'img_size'):
     module, image_size = create_model(args.model, args.num_classes, img_size=args.image_size)
   image_size = args.image_size or image_size
-  variables = module.init(jax.random.key(args.seed), jnp.zeros((1, image_size, image_size, 3)))
+  variables = init_variables(module, args.seed, image_size)
   return (module, dict(variables), image_size, labels, args.model,
           f'freshly initialised (seed {args.seed})')
 

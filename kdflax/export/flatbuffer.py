@@ -32,7 +32,7 @@ def _model(model: bytes | bytearray) -> schema.Model:
 
 
 def op_codes(model: bytes | bytearray) -> list[str]:
-  """Names of the operator codes a model declares: builtins by name, custom ops as `CUSTOM:<code>`."""
+  """Operator codes a model declares: builtins by name, custom ops as `CUSTOM:<code>`."""
   m = _model(model)
   names = _builtin_names()
   out = []

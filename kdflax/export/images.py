@@ -99,7 +99,8 @@ def sample_images(root: str | os.PathLike, size: int, limit: int | None = None) 
     except ImageError:
       continue
   if not arrays:
-    raise ValueError(f'{os.fspath(root)}: no readable images (looked for {", ".join(IMAGE_EXTENSIONS)})')
+    raise ValueError(f'{os.fspath(root)}: no readable images '
+                     f'(looked for {", ".join(IMAGE_EXTENSIONS)})')
   return np.stack(arrays)
 
 

@@ -43,8 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdflax.export import flatbuffer, lowering
-from kdflax.export.interpreter import (INPUT_NAME, METADATA_NAME, OUTPUT_NAME, SIGNATURE_KEY,
-                                       labels_path)
+from kdflax.export.interpreter import (
+  INPUT_NAME,
+  METADATA_NAME,
+  OUTPUT_NAME,
+  SIGNATURE_KEY,
+  labels_path,
+)
 from kdflax.export.isolated import InterpreterCrash, run_isolated
 from kdflax.export.parity import ParityResult, compare_logits
 

@@ -72,5 +72,6 @@ def leaf_images(size: int, split: str = 'val', per_class: int = 4) -> np.ndarray
 def init_calibrated(module: nn.Module, size: int, images: np.ndarray, seed: int = 0) -> dict:
   """Random weights with BatchNorm statistics of `images` (so activations are O(1))."""
   from kdflax.export.stand_in import calibrate_batch_stats
-  variables = module.init(jax.random.key(seed), jnp.zeros((1, size, size, 3)))
+  from kdflax.models.init import init_variables
+  variables = init_variables(module, seed, size)
   return calibrate_batch_stats(module, variables, images)
