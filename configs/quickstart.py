@@ -22,7 +22,7 @@ def get_config():
   config.data.crop_scale = (0.35, 1.0)
 
   config.teacher.name = 'swin_test_patch4_window4_64'
-  config.teacher.train.num_epochs = 30
+  config.teacher.train.num_epochs = 60
   config.teacher.train.log_every = 5
   config.teacher.train.eval_every = 50
   config.teacher.optim.learning_rate = 2e-3
