@@ -44,7 +44,8 @@ def test_fresh_weights_two_precisions_with_report(tmp_path, capsys):
     for threads in ('threads_1', 'threads_4'):
       lat = entry['latency'][threads]
       assert 0 < lat['median_ms'] <= lat['p90_ms'] < 1000
-    assert entry['peak_rss_mb'] > entry['rss_before_mb'] > 10
+    # The interpreter process's own peak (not inherited from this big JAX process).
+    assert 10 < entry['rss_before_mb'] < entry['peak_rss_mb'] < entry['rss_before_mb'] + 300
     assert entry['accuracy'] in {i / 9 for i in range(10)}
   # fp32 computes what JAX computes: same predictions, so the same accuracy.
   assert by_precision['fp32']['parity']['passed']

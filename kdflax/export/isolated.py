@@ -114,6 +114,18 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
+  """This process's resident-set high-water mark.
+
+  Linux: VmHWM, which starts afresh at exec (ru_maxrss does not: a child started from a big
+  parent reports the parent's peak).
+  """
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 2**10  # kB
+  except OSError:
+    pass
   try:
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
