@@ -8,8 +8,8 @@ file defines a `model_name` fixture and star-imports this module.
 import jax
 import numpy as np
 import pytest
-from helpers.export_models import init_calibrated, leaf_images
 
+from helpers.export_models import init_calibrated, leaf_images
 from kdflax.export import flatbuffer, isolated, lowering, tflite
 from kdflax.export.interpreter import TFLiteClassifier
 from kdflax.models import create_model
