@@ -1,33 +1,40 @@
 """Export checks shared by the MobileNetV3 Large and Small test files (one per model, so each
 file stays short): the student through the TFLite export at every precision.
 
-Weights are random with BatchNorm statistics of real leaf photos (`stand_in`), at 64 px. A test
-file defines a `model_name` fixture and star-imports this module.
+The student is trained first (60 steps of the kdflax train step over-fit 48 real leaf photos
+at 48 px), because parity gates are about a trained model: random weights have no class
+margins, and rounding alone decides their arg-max. A test file defines a `model_name`
+fixture and star-imports this module.
 """
 
 import jax
 import numpy as np
 import pytest
 
-from helpers.export_models import init_calibrated, leaf_images
+from helpers.export_models import leaf_images, train_briefly
 from kdflax.export import flatbuffer, isolated, lowering, tflite
 from kdflax.export.interpreter import TFLiteClassifier
 from kdflax.models import create_model
 from kdflax.models.complexity import count_params
 
-SIZE = 64
+SIZE = 48
 LABELS = ('angular_leaf_spot', 'bean_rust', 'healthy')
+
+
+PER_CLASS = 16
 
 
 @pytest.fixture(scope='module')
 def photos():
-  return {'calib': leaf_images(SIZE, 'train', per_class=6), 'val': leaf_images(SIZE, 'val', 5)}
+  return {'calib': leaf_images(SIZE, 'train', per_class=PER_CLASS),
+          'val': leaf_images(SIZE, 'val', 5)}
 
 
 @pytest.fixture(scope='module')
 def student(model_name, photos):
-  module, _ = create_model(model_name, num_classes=3)
-  return model_name, module, init_calibrated(module, SIZE, photos['calib'])
+  module, _ = create_model(model_name, num_classes=3, drop_rate=0.0)
+  labels = np.repeat(np.arange(3), PER_CLASS)
+  return model_name, module, train_briefly(module, photos['calib'], labels)
 
 
 def test_fp32_export_passes_parity(tmp_path, student, photos):
@@ -47,18 +54,15 @@ def test_fp32_export_passes_parity(tmp_path, student, photos):
   assert clf.delegate_partitions == 1 and clf.labels == LABELS
 
 
-def test_fp16_export_adds_nothing_to_weight_rounding(tmp_path, student, photos):
-  """fp16 error = what rounding the weights to float16 does to this model, no more.
-
-  Random MobileNetV3 weights are unusually sensitive (measured: rounding them to fp16 in JAX
-  moves Large's logits by ~1% of their range, about the 1e-2 gate), so the gate may or may
-  not pass here; the export must not add error of its own.
-  """
+def test_fp16_export_passes_parity(tmp_path, student, photos):
+  """fp16 weights: logits within the 1e-2 gate (relative to the logit scale), and no error
+  beyond what rounding the JAX weights to float16 causes."""
   name, module, variables = student
   out = tmp_path / f'{name}_fp16.tflite'
   result = tflite.export_tflite(module, variables, SIZE, out, 'fp16',
                                 calibration_images=photos['calib'], parity_images=photos['val'],
-                                labels=LABELS, allow_mismatch=True)
+                                labels=LABELS)
+  assert result.parity.passed and result.parity.top1_agreement == 1.0, result.parity.summary()
   assert flatbuffer.tensor_types(out.read_bytes()).get('FLOAT16', 0) > 50
   want = tflite.jax_logits(tflite.serving_function(module, variables), photos['val'])
   half = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), variables)
@@ -67,23 +71,17 @@ def test_fp16_export_adds_nothing_to_weight_rounding(tmp_path, student, photos):
   got = TFLiteClassifier(out)(photos['val'])
   assert np.abs(got - want).max() == pytest.approx(result.parity.max_abs_diff, rel=1e-5)
   assert 0 < result.parity.max_abs_diff < 1.5 * rounding + 1e-4, (result.parity, rounding)
-  assert result.parity.top1_agreement >= 0.9
 
 
-def test_int8_export_is_fully_quantized_and_tracks_jax(tmp_path, student, photos):
-  """Full-int8 export: one XNNPACK partition, int8 everywhere between the two ends.
-
-  The parity gate (top-1 agreement >= 98%) is not asserted here: on random weights int8
-  rounding decides the arg-max (measured 67% / 87% agreement for Large / Small here, 59-66%
-  for Large at 224 px; see docs/export.md), so the logits are only required to follow JAX.
-  """
+def test_int8_export_is_fully_quantized_and_passes_parity(tmp_path, student, photos):
+  """Full-int8: one XNNPACK partition, int8 between the two ends, and top-1 agreement with
+  JAX >= 98% on the calibration photos (the gate of `export_tflite`, no allow_mismatch)."""
   name, module, variables = student
   out = tmp_path / f'{name}_int8.tflite'
-  seen = []
   result = tflite.export_tflite(module, variables, SIZE, out, 'int8',
-                                calibration_images=photos['calib'], parity_images=photos['val'],
-                                labels=LABELS, allow_mismatch=True, on_mismatch=seen.append)
-  assert seen == ([] if result.parity.passed else [result.parity])
+                                calibration_images=photos['calib'],
+                                parity_images=photos['calib'], labels=LABELS)
+  assert result.parity.passed and result.parity.top1_agreement >= 0.98, result.parity.summary()
   content = out.read_bytes()
   ops = flatbuffer.op_names(content)
   assert 'HARD_SWISH' not in ops and flatbuffer.non_builtin_ops(content) == []
@@ -93,13 +91,9 @@ def test_int8_export_is_fully_quantized_and_tracks_jax(tmp_path, student, photos
   assert types['INT8'] > 5 * types.get('FLOAT32', 0)
   clf = TFLiteClassifier(out)
   assert clf.delegate_partitions == 1
-  want = tflite.jax_logits(tflite.serving_function(module, variables), photos['val'])
-  got = isolated.run_isolated(out, photos['val'])
-  np.testing.assert_allclose(got, clf(photos['val']), atol=1e-6)  # child == in-process
-  a, b = got - got.mean(0), want - want.mean(0)
-  corr = float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
-  # Measured: 0.38 (Large), 0.43 (Small) here; ~0.9 for Large at 224 px.
-  assert corr > 0.25, corr
+  want = tflite.jax_logits(tflite.serving_function(module, variables), photos['calib'])
+  got = isolated.run_isolated(out, photos['calib'])
+  np.testing.assert_allclose(got, clf(photos['calib']), atol=1e-6)  # child == in-process
   assert result.parity.top1_agreement == np.mean(got.argmax(-1) == want.argmax(-1))
   params = count_params(variables)
   assert 0.9 * params < len(content) < 1.3 * params  # ~1 byte per weight

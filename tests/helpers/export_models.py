@@ -75,3 +75,28 @@ def init_calibrated(module: nn.Module, size: int, images: np.ndarray, seed: int 
   from kdflax.models.init import init_variables
   variables = init_variables(module, seed, size)
   return calibrate_batch_stats(module, variables, images)
+
+
+def train_briefly(module: nn.Module, images: np.ndarray, labels: np.ndarray, steps: int = 60,
+                  seed: int = 0) -> dict:
+  """Fits `module` to `(N, S, S, 3)` uint8 `images` with the kdflax train step (CE, Adam).
+
+  A trained student has the class margins that int8 parity needs; random weights do not
+  (their arg-max is decided by rounding). 60 steps over-fit a few dozen photos.
+  """
+  import optax
+
+  from kdflax.distill.objective import Objective, default_loss_config
+  from kdflax.models.init import init_variables
+  from kdflax.train.state import create_train_state
+  from kdflax.train.step import data_mesh, make_train_step, replicate
+
+  mesh = data_mesh()
+  variables = init_variables(module, seed, images.shape[1])
+  state = replicate(create_train_state(variables, {}, optax.adam(2e-3), seed=seed), mesh)
+  step = make_train_step(module, None, Objective(default_loss_config(), None, None).apply, mesh)
+  batch = {'image': images.astype(np.float32) / 255, 'label': labels.astype(np.int32)}
+  for _ in range(steps):
+    state, metrics = step(state, None, batch)
+  assert float(metrics['top1']) == 1.0, 'the student did not fit its photos'
+  return jax.device_get(state.student_variables)
