@@ -8,10 +8,10 @@ its 10 tomato classes and split train/validation/test by hashing file names.
 Teacher: convert ImageNet weights first, then fine-tune:
     kdflax convert --model swin_large_patch4_window12_384 \
         --checkpoint swin_large_patch4_window12_384.safetensors --out weights/swin_l_384
-    kdflax teacher --config configs/plantvillage_tomato_swin_l_mnv3.py --workdir runs/tomato/teacher \
-        --config.teacher.init_checkpoint=weights/swin_l_384
-    kdflax distill --config configs/plantvillage_tomato_swin_l_mnv3.py --workdir runs/tomato/hybrid \
-        --teacher_workdir runs/tomato/teacher
+    kdflax teacher --config configs/plantvillage_tomato_swin_l_mnv3.py \
+        --workdir runs/tomato/teacher --config.teacher.init_checkpoint=weights/swin_l_384
+    kdflax distill --config configs/plantvillage_tomato_swin_l_mnv3.py \
+        --workdir runs/tomato/hybrid --teacher_workdir runs/tomato/teacher
 
 Swin-L stage grids at 384 are 96/48/24/12 (window 12); MobileNetV3 stages at 224 are
 56/28/14/7: each teacher attention map is area-downsampled to its student stage.

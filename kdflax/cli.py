@@ -1,6 +1,6 @@
 """`kdflax` command-line entry point.
 
-    kdflax <command> [flags]      e.g. kdflax distill --config configs/quickstart.py --workdir runs/x
+    kdflax <command> [flags]    e.g. kdflax distill --config configs/quickstart.py --workdir x
 
 Each command lives in `kdflax/commands/<command>.py` and exposes `main(argv) -> int`; it is
 imported only when called, so `kdflax --help` stays fast.

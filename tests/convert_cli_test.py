@@ -7,8 +7,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from helpers.timm_reference import timm_reference
+
 from kdflax.convert.timm import CheckpointError, load_state_dict, load_timm_checkpoint
 from kdflax.models import create_model
 from kdflax.train.checkpoint import load_model

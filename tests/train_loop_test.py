@@ -85,7 +85,7 @@ def test_two_processes_match_one_process(tmp_path):
              for i in range(2)]
   single = run('student', '--config', CONFIG, '--workdir', one, *common)
   outputs = [w.communicate(timeout=600) for w in workers]
-  for w, (_, err) in zip(workers, outputs):
+  for w, (_, err) in zip(workers, outputs, strict=True):
     assert w.returncode == 0, err[-3000:]
   assert single.returncode == 0, single.stderr[-3000:]
   for a, b in zip(_variables(os.path.join(one, 'model_final')),

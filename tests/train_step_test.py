@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers.tiny_models import TinyCNN, TinyTeacher
+
 from kdflax.distill.objective import Objective, default_loss_config
 from kdflax.models import create_model
 from kdflax.models.init import init_variables
@@ -69,11 +69,11 @@ def test_traces_once_and_teacher_is_bit_identical():
     state, metrics = step(state, t_vars, _batch(16, seed=i))
   assert len(traces) == 1
   assert int(state.step) == 10
-  for a, b in zip(jax.tree.leaves(t_copy), jax.tree.leaves(t_vars)):
+  for a, b in zip(jax.tree.leaves(t_copy), jax.tree.leaves(t_vars), strict=True):
     assert np.array_equal(a, np.asarray(b))
   # EMA moved towards the raw weights but is not them.
   ema, raw = jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params['student'])
-  assert any(not np.allclose(e, r) for e, r in zip(ema, raw))
+  assert any(not np.allclose(e, r) for e, r in zip(ema, raw, strict=True))
 
 
 def test_eval_step_counts_only_real_examples():

@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdflax.convert.timm import (CheckpointError, convert_state_dict, infer_num_classes,
-                                 load_state_dict)
+from kdflax.convert.timm import (
+  CheckpointError,
+  convert_state_dict,
+  infer_num_classes,
+  load_state_dict,
+)
 from kdflax.models import complexity, registry
 from kdflax.train.checkpoint import save_model
 

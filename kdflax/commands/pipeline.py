@@ -22,7 +22,6 @@ from typing import Any
 
 from kdflax.train.config import ConfigError, load_config, save_config
 
-
 NOTE = ('Val top-1 of the trained stages is measured by the tf.data eval pipeline (float '
         'pixels); the exported rows run the .tflite on uint8 photos decoded and resized with '
         'PIL, as an app would feed them, so a few borderline images can flip between the two. '

@@ -63,9 +63,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   single compilation. Works with several processes (each passes the same host values).
   """
   sharding = replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                             lambda idx, x=np.asarray(x): x[idx]), tree)
+
+  def place(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(place, tree)
 
 
 def teacher_forward(teacher: nn.Module | None, teacher_variables: Any, batch: Batch,

@@ -41,7 +41,7 @@ def run(devices, steps: int):
              'label': rng.integers(0, 5, size=(16,)).astype(np.int32)}
     state, metrics = step(state, t_vars, batch)
   same_teacher = all(np.array_equal(a, np.asarray(b)) for a, b in
-                     zip(jax.tree.leaves(t_before), jax.tree.leaves(t_vars)))
+                     zip(jax.tree.leaves(t_before), jax.tree.leaves(t_vars), strict=True))
   return jax.tree.map(np.asarray, (state.params, state.batch_stats, state.ema_params)), \
       same_teacher, {k: float(v) for k, v in metrics.items()}
 
@@ -52,7 +52,7 @@ def main():
   many, same_many, m_many = run(devices, steps)
   one, same_one, m_one = run(devices[:1], steps)
   diff = max(float(np.max(np.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(many), jax.tree.leaves(one)))
+             zip(jax.tree.leaves(many), jax.tree.leaves(one), strict=True))
   print(json.dumps({'devices': len(devices), 'max_abs_diff': diff,
                     'teacher_unchanged': same_many and same_one,
                     'loss_many': m_many['loss'], 'loss_one': m_one['loss']}))
