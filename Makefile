@@ -33,7 +33,8 @@ test: $(VENV)/.full-installed
 	$(PY) -m pytest -n $(TEST_WORKERS) --timeout 900 --durations 15 $(PYTEST_ARGS)
 
 bench: $(VENV)/.full-installed
-	$(PY) tools/bench_models.py
+	$(PY) tools/bench_input.py
+	$(PY) tools/bench_tflite.py --threads 1 --trials 11
 
 lint: $(VENV)/.full-installed
 	$(VENV)/bin/ruff check kdflax tests tools configs
