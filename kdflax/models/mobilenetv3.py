@@ -34,8 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from kdflax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: F401
 
 # PyTorch BatchNorm defaults (momentum 0.1 -> Flax decay 0.9, eps 1e-5), as timm uses them.
 BN_MOMENTUM = 0.9
@@ -251,9 +250,7 @@ class MobileNetV3(nn.Module):
     """
     stages = block_configs(self.variant, self.width_mult)
     layers = _Layers(self.dtype, self.param_dtype, train)
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    x = ((jnp.asarray(x, jnp.float32) - mean) / std).astype(self.dtype)
+    x = normalize(x, self.dtype)
 
     x = layers.conv(stem_features(self.width_mult), 3, 2, name='conv_stem')(x)
     x = jax.nn.hard_swish(layers.bn('bn1')(x))

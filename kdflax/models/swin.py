@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from kdflax.models.preprocess import normalize
+
 LAYER_NORM_EPS = 1e-5  # PyTorch's default; Flax's is 1e-6.
 MASK_VALUE = -100.0    # timm's additive mask between tokens of different shifted regions.
 
@@ -391,9 +391,7 @@ class SwinTransformer(nn.Module):
     if len(self.depths) != len(self.num_heads) or min(self.depths, default=0) < 1:
       raise ValueError(f'depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} '
                        'must have one positive entry per stage')
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    x = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    x = normalize(x, self.dtype)
 
     x = PatchEmbed(self.embed_dim, self.patch_size, dtype=self.dtype,
                    param_dtype=self.param_dtype, name='patch_embed')(x)

@@ -26,8 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from kdflax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 LN_EPS = 1e-6
 _TRUNC_02 = nn.initializers.truncated_normal(stddev=0.02)
@@ -154,9 +153,7 @@ class VisionTransformer(nn.Module):
     if self.embed_dim % self.num_heads:
       raise ValueError(f'embed_dim {self.embed_dim} is not divisible by num_heads '
                        f'{self.num_heads}')
-    mean = np.asarray(self.mean, np.float32)
-    std = np.asarray(self.std, np.float32)
-    x = ((x.astype(jnp.float32) - mean) / std).astype(self.dtype)
+    x = normalize(x, self.dtype, self.mean, self.std)
 
     c, p = self.embed_dim, self.patch_size
     x = nn.Conv(c, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
