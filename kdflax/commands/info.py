@@ -13,6 +13,7 @@ import argparse
 import glob
 import os
 import re
+import sys
 import time
 
 import jax
@@ -104,8 +105,12 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--photos', type=int, default=3, help='photos per forward pass')
   args = parser.parse_args(argv[1:])
   names = args.models or sorted(registry.MODELS)
-  for name in names:
-    registry.model_spec(name)
+  try:
+    for name in names:
+      registry.model_spec(name)
+  except ValueError as e:
+    print(f'kdflax info: {e}', file=sys.stderr)
+    return 2
   photos = sorted(glob.glob(os.path.join(SAMPLE_DIR, '*', '*.jpg')))[::15][:args.photos]
   if args.forward and not photos:
     parser.error(f'no bundled photos found under {os.path.abspath(SAMPLE_DIR)}')
