@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.gradcheck import finite_difference_grad
 
 from kdflax.distill import attention
 
@@ -179,12 +180,7 @@ def test_at_loss_gradient_matches_finite_differences():
   with jax.enable_x64(True):
     f = jax.jit(lambda s: attention.at_loss(s, jnp.asarray(teacher), mask=jnp.asarray(mask)))
     auto = np.asarray(jax.grad(f)(jnp.asarray(student)))
-    fd = np.zeros_like(student)
-    eps = 1e-6
-    for i in np.ndindex(student.shape):
-      step = np.zeros_like(student)
-      step[i] = eps
-      fd[i] = (float(f(student + step)) - float(f(student - step))) / (2 * eps)
+    fd = finite_difference_grad(f, student)
   np.testing.assert_allclose(auto, fd, rtol=1e-6, atol=1e-9)
   assert np.abs(auto).max() > 1e-3
 

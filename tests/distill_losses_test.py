@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.gradcheck import finite_difference_grad
 
 from kdflax.distill import losses
 
@@ -18,22 +19,11 @@ def _kl(p, q):
   return np.sum(p * (np.log(p) - np.log(q)), -1)
 
 
-def _fd_grad(f, x, eps=1e-6):
-  """Central finite differences of scalar `f` at every coordinate of float64 `x`."""
-  f = jax.jit(f)
-  grad = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    step = np.zeros_like(x)
-    step[i] = eps
-    grad[i] = (float(f(x + step)) - float(f(x - step))) / (2 * eps)
-  return grad
-
-
 def _check_grad(f, x, rtol=1e-6, atol=1e-8):
   with jax.enable_x64(True):
     x = np.asarray(x, np.float64)
     auto = np.asarray(jax.grad(f)(jnp.asarray(x)))
-    np.testing.assert_allclose(auto, _fd_grad(f, x), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(auto, finite_difference_grad(f, x), rtol=rtol, atol=atol)
     assert np.abs(auto).max() > 1e-4  # not a trivially flat function
 
 

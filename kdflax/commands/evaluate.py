@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import jax.numpy as jnp
 
-from kdflax.train.config import ConfigError, load_config
+from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.train.config import load_config
 
 
 def evaluate_model_dir(model_dir: str, config, split: str | None = None) -> dict:
@@ -47,17 +47,13 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--model', required=True, help='model directory or workdir')
   parser.add_argument('--config', required=True, help='config whose data section to use')
   parser.add_argument('--split', default=None, help='split to evaluate (default: eval_split)')
-  args, rest = parser.parse_known_args(argv[1:])
-  bad = [a for a in rest if not a.startswith('--config.')]
-  if bad:
-    parser.error(f'unrecognised arguments: {" ".join(bad)}')
-  from kdflax.commands.train import resolve_model_dir
-  try:
+  args, rest = parse_with_overrides(parser, argv[1:])
+
+  def run() -> int:
+    from kdflax.commands.train import resolve_model_dir
     config = load_config(args.config, rest)
-    model_dir = resolve_model_dir(args.model)
-    result = evaluate_model_dir(model_dir, config, args.split)
-  except (ConfigError, FileNotFoundError, ValueError) as e:
-    print(f'kdflax eval: {e}', file=sys.stderr)
-    return 2
-  print(json.dumps(result))
-  return 0
+    result = evaluate_model_dir(resolve_model_dir(args.model), config, args.split)
+    print(json.dumps(result))
+    return 0
+
+  return run_reporting_errors('eval', run)

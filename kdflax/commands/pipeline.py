@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from kdflax.train.config import ConfigError, load_config, save_config
+from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.train.config import load_config, save_config
 
 NOTE = ('Val top-1 of the trained stages is measured by the tf.data eval pipeline (float '
         'pixels); the exported rows run the .tflite on uint8 photos decoded and resized with '
@@ -126,20 +126,12 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog='kdflax pipeline', description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True)
   parser.add_argument('--workdir', required=True)
-  args, rest = parser.parse_known_args(argv[1:])
-  bad = [a for a in rest if not a.startswith('--config.')]
-  if bad:
-    parser.error(f'unrecognised arguments: {" ".join(bad)}')
-  from kdflax.train.loop import NonFiniteLossError
-  from kdflax.train.stages import StageError
-  try:
+  args, rest = parse_with_overrides(parser, argv[1:])
+
+  def run() -> int:
     config = load_config(args.config, rest)
     save_config(config, args.workdir)
     run_pipeline(config, args.workdir)
-  except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
-    print(f'kdflax pipeline: {e}', file=sys.stderr)
-    return 2
-  except NonFiniteLossError as e:
-    print(f'kdflax pipeline: {e}', file=sys.stderr)
-    return 3
-  return 0
+    return 0
+
+  return run_reporting_errors('pipeline', run)

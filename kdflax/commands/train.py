@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from kdflax.train.config import ConfigError, load_config, save_config
+from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.train.config import load_config, save_config
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -31,11 +31,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument('--teacher_workdir', default=None,
                         help='workdir of a `kdflax teacher` run (uses its model_best/), or a '
                              'model directory (from `kdflax convert`)')
-  args, rest = parser.parse_known_args(argv[1:])
-  bad = [a for a in rest if not a.startswith(('--config.', '-config.'))]
-  if bad:
-    parser.error(f'unrecognised arguments: {" ".join(bad)}')
-  return args, rest
+  return parse_with_overrides(parser, argv[1:])
 
 
 def resolve_model_dir(path: str | None) -> str | None:
@@ -56,19 +52,15 @@ def resolve_model_dir(path: str | None) -> str | None:
 def main(argv: list[str]) -> int:
   command = argv[0]
   args, overrides = parse_args(argv)
-  from kdflax.train.loop import NonFiniteLossError
-  from kdflax.train.stages import StageError, run_stage
-  try:
+
+  def run() -> int:
+    from kdflax.train.stages import run_stage
     config = load_config(args.config, overrides)
     teacher_dir = resolve_model_dir(getattr(args, 'teacher_workdir', None))
     save_config(config, args.workdir)
     summary = run_stage(config, args.workdir, command, teacher_dir=teacher_dir)
-  except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
-    print(f'kdflax {command}: {e}', file=sys.stderr)
-    return 2
-  except NonFiniteLossError as e:
-    print(f'kdflax {command}: {e}', file=sys.stderr)
-    return 3
-  print(json.dumps({k: summary[k] for k in ('stage', 'model', 'step', 'best', 'final',
-                                           'model_dir') if k in summary}, indent=2))
-  return 0
+    print(json.dumps({k: summary[k] for k in ('stage', 'model', 'step', 'best', 'final',
+                                             'model_dir') if k in summary}, indent=2))
+    return 0
+
+  return run_reporting_errors(command, run)

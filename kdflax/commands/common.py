@@ -1,0 +1,36 @@
+"""What the config-driven commands share: `--config.*` overrides and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser,
+                         argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  """Parses `argv` (without the command name); everything else must be `--config.*`."""
+  args, rest = parser.parse_known_args(argv)
+  bad = [a for a in rest if not a.startswith(('--config.', '-config.'))]
+  if bad:
+    parser.error(f'unrecognised arguments: {" ".join(bad)}')
+  return args, rest
+
+
+def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
+  """Runs `fn`; user-facing failures become one line on stderr and an exit code.
+
+  2: a bad config, data, teacher or path (nothing was trained); 3: training stopped on a
+  non-finite loss (the last good checkpoint is kept).
+  """
+  from kdflax.train.config import ConfigError
+  from kdflax.train.loop import NonFiniteLossError
+  from kdflax.train.stages import StageError
+  try:
+    return fn()
+  except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
+    print(f'kdflax {command}: {e}', file=sys.stderr)
+    return 2
+  except NonFiniteLossError as e:
+    print(f'kdflax {command}: {e}', file=sys.stderr)
+    return 3
