@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from kdflax.train import checkpoint
 from kdflax.train.checkpoint import load_model, read_model_info, save_model
 
 
@@ -31,8 +32,8 @@ def test_failed_save_leaves_the_previous_model_untouched(tmp_path):
   target = tmp_path / 'm'
   save_model(target, _variables(0), 'mobilenetv3_small_050', 2, 64)
   broken = _variables(1)
-  broken['params']['head']['bias'] = object()  # not an array: the save fails midway
-  with pytest.raises((TypeError, ValueError)):
+  broken['params']['head']['bias'] = object()  # not an array: the save must refuse it
+  with pytest.raises(TypeError, match=r"\['params'\]\['head'\]\['bias'\].*expected a numeric"):
     save_model(target, broken, 'mobilenetv3_small_050', 2, 64)
   _, loaded = load_model(target)
   np.testing.assert_array_equal(loaded['params']['head']['bias'],
@@ -61,3 +62,20 @@ def test_errors(tmp_path):
     read_model_info(tmp_path)
   with pytest.raises(ValueError, match='3 labels for 2 classes'):
     save_model(tmp_path / 'x', _variables(), 'mobilenetv3_small_050', 2, 64, ['a', 'b', 'c'])
+
+
+def test_crash_after_the_variables_are_written_leaves_the_previous_model(tmp_path, monkeypatch):
+  target = tmp_path / 'm'
+  save_model(target, _variables(0), 'mobilenetv3_small_050', 2, 64)
+
+  def disk_full(*args, **kwargs):
+    raise OSError('No space left on device')
+
+  monkeypatch.setattr(checkpoint.json, 'dump', disk_full)  # fails after Orbax has written
+  with pytest.raises(OSError, match='No space left'):
+    save_model(target, _variables(1), 'mobilenetv3_small_050', 2, 64)
+  monkeypatch.undo()
+  _, loaded = load_model(target)
+  np.testing.assert_array_equal(loaded['params']['head']['bias'],
+                                _variables(0)['params']['head']['bias'])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['m']

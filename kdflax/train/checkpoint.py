@@ -81,14 +81,14 @@ def save_model(directory: str | os.PathLike, variables: Mapping[str, Any], model
     raise ValueError(f'{directory}: {len(labels)} labels for {num_classes} classes')
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
+  host = _host_arrays(directory, variables)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.tmp-', dir=parent)
+  # Model directories are written by one process (the caller decides which): host NumPy
+  # arrays, no cross-process barrier.
+  solo = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                            active_processes={jax.process_index()})
+  checkpointer = ocp.StandardCheckpointer(multiprocessing_options=solo)
   try:
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(variables))
-    # Model directories are written by one process (the caller decides which): host NumPy
-    # arrays, no cross-process barrier.
-    solo = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                              active_processes={jax.process_index()})
-    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=solo)
     checkpointer.save(os.path.join(tmp, VARIABLES_DIR), host)
     checkpointer.wait_until_finished()
     info = {'model': model, 'num_classes': int(num_classes), 'image_size': int(image_size),
@@ -97,9 +97,26 @@ def save_model(directory: str | os.PathLike, variables: Mapping[str, Any], model
       json.dump(info, f, indent=2)
     _replace_dir(tmp, directory)
   except BaseException:
+    # Orbax writes from a background thread: let it stop before the temp dir goes, or it
+    # could recreate files in it after the removal.
+    try:
+      checkpointer.close()
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+      pass
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  checkpointer.close()
   return directory
+
+
+def _host_arrays(directory: str, variables: Mapping[str, Any]) -> dict[str, Any]:
+  """Copies `variables` to host NumPy; a non-numeric leaf is a one-line error naming its key."""
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), dict(variables))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(host):
+    if leaf.dtype.kind not in 'biufc' and leaf.dtype.name != 'bfloat16':
+      raise TypeError(f'{directory}: variable {jax.tree_util.keystr(path)} is '
+                      f'{type(leaf).__name__} of dtype {leaf.dtype}, expected a numeric array')
+  return host
 
 
 def read_model_info(directory: str | os.PathLike) -> ModelInfo:
