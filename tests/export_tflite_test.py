@@ -285,3 +285,42 @@ def test_calibrated_batch_stats_are_the_batch_statistics(photos):
   assert np.abs(np.asarray(before) - np.asarray(train)).max() > 0.1
   np.testing.assert_allclose(np.asarray(after), np.asarray(train), rtol=1e-4, atol=1e-4)
   assert jax.tree.structure(calibrated) == jax.tree.structure(dict(variables))
+
+
+def test_benchmark_over_several_processes_keeps_models_apart(tmp_path, cnn, photos):
+  module, variables = cnn
+  small = tmp_path / 'b1.tflite'
+  big = tmp_path / 'b8.tflite'
+  tflite.export_tflite(module, variables, SIZE, small, 'fp32', parity_images=photos[:8])
+  tflite.export_tflite(module, variables, SIZE, big, 'fp32', parity_images=photos[:8], batch=8)
+  stats = isolated.benchmark_isolated([small, big], warmup=1, runs=3, trials=5, processes=3)
+  for s, path, batch in zip(stats, (small, big), (1, 8), strict=True):
+    assert s['model'] == str(path) and s['batch'] == batch  # shuffled load order mapped back
+    assert len(s['trial_median_ms']) == 5 and len(s['latency_ms']) == 15
+    assert s['median_ms'] == pytest.approx(float(np.median(s['latency_ms'])))
+  # Batch 8 does 8x the work of batch 1: paired per-trial ratios see it in every process.
+  ratios = np.asarray(stats[1]['trial_cpu_median_ms']) / np.asarray(stats[0]['trial_cpu_median_ms'])
+  assert np.median(ratios) > 2
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'int8'])
+def test_uint8_input_is_dequantized_not_cast(tmp_path, cnn, photos, precision):
+  """The input's uint8 -> float CAST (LiteRT's scalar kernel) becomes an exact DEQUANTIZE."""
+  module, variables = cnn
+  plain = tflite.convert(lowering.for_precision(tflite.serving_function(module, variables),
+                                                precision), SIZE, precision,
+                         calibration_images=photos)
+  assert flatbuffer.op_names(plain)[0] == 'CAST'
+  fast = flatbuffer.dequantize_uint8_inputs(plain)
+  assert flatbuffer.op_names(fast)[0] == 'DEQUANTIZE' and 'CAST' not in flatbuffer.op_names(fast)
+  assert flatbuffer.dequantize_uint8_inputs(fast) == fast  # nothing left to rewrite
+  (tmp_path / 'plain.tflite').write_bytes(plain)
+  (tmp_path / 'fast.tflite').write_bytes(fast)
+  np.testing.assert_array_equal(isolated.run_isolated(tmp_path / 'fast.tflite', photos),
+                                isolated.run_isolated(tmp_path / 'plain.tflite', photos))
+  out = tmp_path / 'm.tflite'
+  tflite.export_tflite(module, variables, SIZE, out, precision, calibration_images=photos)
+  clf = TFLiteClassifier(out)
+  assert clf.input_dtype == np.uint8 and clf._input['quantization'] == (1.0, 0)
+  assert flatbuffer.op_names(out.read_bytes())[0] == 'DEQUANTIZE'
+  assert clf.delegate_partitions == 1

@@ -1,7 +1,7 @@
 """Our MobileNetV3 student `.tflite` against Keras' MobileNetV3 through the same converter.
 
     .venv/bin/python tools/bench_tflite.py                       # Large + Small, 224 px, 1 thread
-    .venv/bin/python tools/bench_tflite.py --models large --threads 1 4 --trials 21
+    .venv/bin/python tools/bench_tflite.py --models large --threads 1 4 --trials 28 --processes 7
 
 For each variant (Large, Small):
   ours   kdflax `export_tflite` of the registered student (`mobilenetv3_{large,small}_100`),
@@ -12,8 +12,11 @@ For each variant (Large, Small):
          full-integer with the same representative photos, per-channel weights, the converter's
          default float input and output).
 
-All files are timed in ONE child process by the same LiteRT interpreter (XNNPACK, same thread
-count), trials interleaved with the order rotating, `--runs` invocations per trial. Reported:
+All files are timed by the same LiteRT interpreter (XNNPACK, same thread count) in
+`--processes` child processes, each loading every file in its own random order (where a
+model's buffers land in memory shifts its latency by a few percent for the whole life of a
+process: two copies of ONE file in one process measured up to 4% apart), trials interleaved
+with the order rotating, `--runs` invocations per trial. Reported:
 median wall time and median CPU time per invoke (CPU time = wall time minus time the OS gave to
 other processes, robust on a shared machine), file sizes, op histograms, XNNPACK partitions, and
 ratios computed per trial (median over trials). `--json` saves everything.
@@ -90,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--image_size', type=int, default=224)
   p.add_argument('--num_classes', type=int, default=10)
   p.add_argument('--threads', nargs='+', type=int, default=[1])
-  p.add_argument('--trials', type=int, default=15, help='interleaved timing rounds')
+  p.add_argument('--trials', type=int, default=21, help='interleaved timing rounds (all '
+                 'processes together)')
+  p.add_argument('--processes', type=int, default=7, help='child processes the trials are '
+                 'spread over, each with its own memory placement')
   p.add_argument('--runs', type=int, default=10, help='timed invocations per model per round')
   p.add_argument('--warmup', type=int, default=10)
   p.add_argument('--calibration', default=os.path.join(ROOT, 'data', 'beans_sample', 'train'))
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f'keras {variant} {precision}: {time.time() - start:.0f} s', file=sys.stderr)
 
   results: dict = {'image_size': size, 'num_classes': args.num_classes, 'trials': args.trials,
+                   'processes': args.processes,
                    'runs': args.runs, 'command': ' '.join(['tools/bench_tflite.py',
                                                            *(argv or sys.argv[1:])]),
                    'models': {}, 'ratios': {}}
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
   keys = list(files)
   for threads in args.threads:
     stats = benchmark_isolated([files[k] for k in keys], threads=threads, warmup=args.warmup,
-                               runs=args.runs, trials=args.trials)
+                               runs=args.runs, trials=args.trials, processes=args.processes)
     by_key = dict(zip(keys, stats, strict=True))
     for k, s in by_key.items():
       results['models'][os.path.basename(files[k])][f'threads_{threads}'] = {
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
       return float(np.median(x / y)), float(np.min(x / y)), float(np.max(x / y))
 
     print(f'\n== {size} px, batch 1, {threads} thread(s), {args.trials} interleaved trials x '
-          f'{args.runs} runs (median per trial; wall / CPU ms) ==')
+          f'{args.runs} runs in {args.processes} processes (median per trial; wall / CPU ms) ==')
     print(f'{"file":<24} {"MB":>6} {"wall ms":>8} {"CPU ms":>8} {"p90 ms":>8} {"parts":>5}')
     for k in keys:
       name = os.path.basename(files[k])

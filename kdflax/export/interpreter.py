@@ -95,18 +95,19 @@ class TFLiteClassifier:
   def prepare(self, images: np.ndarray) -> np.ndarray:
     """uint8 RGB `(B, S, S, 3)` -> the input tensor this model takes.
 
-    kdflax models take uint8 as is (float32 models exported with `input_type='float32'` take
-    0..1). A quantized input (scale > 0) is quantized; other float models get 0..255 floats.
+    kdflax models take uint8 as is (unquantized or with the identity quantization scale 1,
+    zero point 0; float32 models exported with `input_type='float32'` take 0..1). Another
+    quantized input is quantized from 0..1; other float models get 0..255 floats.
     """
     images = np.asarray(images)
     scale, zero = self._input['quantization']
     dtype = self.input_dtype
+    if dtype == np.uint8 and (not scale or (scale == 1.0 and zero == 0)):
+      return images.astype(np.uint8)  # raw pixels (kdflax: identity-quantized input)
     if scale:
       x = images.astype(np.float32) * self.metadata.get('input_scale', 1 / 255)
       info = np.iinfo(dtype)
       return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
-    if dtype == np.uint8:
-      return images.astype(np.uint8)
     return (images.astype(np.float32) * self.metadata.get('input_scale', 1.0)).astype(dtype)
 
   def set_input(self, images: np.ndarray) -> None:

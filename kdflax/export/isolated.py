@@ -6,10 +6,10 @@ freshly converted models are therefore only ever executed here, never in the cal
     logits = run_isolated('m.tflite', images)                 # (N, S, S, 3) uint8 -> (N, K)
     stats = benchmark_isolated(['a.tflite', 'b.tflite'], threads=1, runs=20, trials=5)
 
-`benchmark_isolated` loads all the models in ONE child process and interleaves their timing
-trials (the order rotates every trial), so machine noise hits every model alike; it also
-reports the child's resident memory before loading and its peak (one model per call gives
-the interpreter's footprint).
+`benchmark_isolated` loads all the models in one child process (or, with `processes=P`, in P
+children with shuffled load orders) and interleaves their timing trials (the order rotates
+every trial), so machine noise hits every model alike; it also reports the child's resident
+memory before loading and its peak (one model per call gives the interpreter's footprint).
 
 The child is `python -m kdflax.export.isolated run|bench ...` and imports only NumPy and
 `ai_edge_litert`.
@@ -81,27 +81,58 @@ def run_isolated(model_path: str | os.PathLike, images: np.ndarray, threads: int
 
 def benchmark_isolated(model_paths: Sequence[str | os.PathLike], threads: int = 1,
                        warmup: int = 5, runs: int = 20, trials: int = 1,
-                       timeout: float = 600) -> list[dict]:
-  """Times batch invocations of each model in one child process, interleaving trials.
+                       timeout: float = 600, processes: int = 1, seed: int = 0) -> list[dict]:
+  """Times batch invocations of each model in child processes, interleaving trials.
+
+  With `processes > 1` the trials are spread over that many child processes, each loading the
+  models in a different (seeded random) order. Where a model's buffers land in memory moves
+  its latency by a few percent for the life of a process (two copies of one file in one
+  process differ by up to 4% here); several processes average that placement out, so ratios
+  between models measure the models.
 
   Returns:
     One dict per model: `latency_ms` (every timed invoke), `trial_median_ms` (one per trial),
     `median_ms`, `p90_ms`; the same for the child's CPU time per invoke (`cpu_ms`,
     `trial_cpu_median_ms`, `cpu_median_ms`: with 1 thread, the latency without the time the
     OS gave other processes, the robust figure on a shared machine); `rss_before_mb` (child
-    before loading anything), `peak_rss_mb` (child's high-water mark after all runs),
-    `threads`, `batch`.
+    before loading anything), `peak_rss_mb` (child's high-water mark after all runs, the
+    largest over processes), `threads`, `batch`. Trial `i` of every model comes from the same
+    process and round, so per-trial ratios between models are paired.
   """
   paths = [os.fspath(p) for p in model_paths]
-  with tempfile.TemporaryDirectory(prefix='kdflax-bench-') as tmp:
-    out = os.path.join(tmp, 'bench.json')
-    args = ['bench', '--out', out, '--threads', str(threads), '--warmup', str(warmup),
-            '--runs', str(runs), '--trials', str(trials)]
-    for p in paths:
-      args += ['--model', p]
-    _run_child(args, ', '.join(paths), timeout)
-    with open(out) as f:
-      return json.load(f)
+  processes = max(1, min(processes, trials))
+  rng = np.random.default_rng(seed)
+  merged: list[dict] | None = None
+  for index in range(processes):
+    share = trials // processes + (index < trials % processes)
+    order = list(range(len(paths))) if index == 0 else list(rng.permutation(len(paths)))
+    with tempfile.TemporaryDirectory(prefix='kdflax-bench-') as tmp:
+      out = os.path.join(tmp, 'bench.json')
+      args = ['bench', '--out', out, '--threads', str(threads), '--warmup', str(warmup),
+              '--runs', str(runs), '--trials', str(share)]
+      for i in order:
+        args += ['--model', paths[i]]
+      _run_child(args, ', '.join(paths), timeout)
+      with open(out) as f:
+        loaded = json.load(f)
+    stats = [None] * len(paths)
+    for position, i in enumerate(order):
+      stats[i] = loaded[position]
+    merged = stats if merged is None else [_merge(a, b) for a, b in zip(merged, stats,
+                                                                        strict=True)]
+  for s in merged:
+    s['median_ms'] = float(np.median(s['latency_ms']))
+    s['p90_ms'] = float(np.percentile(s['latency_ms'], 90))
+    s['cpu_median_ms'] = float(np.median(s['cpu_ms']))
+  return merged
+
+
+def _merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for key in ('latency_ms', 'trial_median_ms', 'cpu_ms', 'trial_cpu_median_ms'):
+    out[key] = a[key] + b[key]
+  out['peak_rss_mb'] = max(a['peak_rss_mb'], b['peak_rss_mb'])
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ The exported model (every precision):
   - signature `serving_default`: input `image` `(batch, S, S, 3)` uint8 RGB 0..255 (NHWC, the
     photo resized to S x S), output `logits` `(batch, K)` float32. Scaling to [0, 1] and the
     model's own mean/std normalisation are inside the graph, so an app feeds raw pixels
-    (short side scaled to S / 0.875, centre S x S crop, as `images.load_image` does).
-    (`input_type='float32'` gives a float 0..1 input instead.)
+    (short side scaled to S / 0.875, centre S x S crop, as `images.load_image` does). The
+    uint8 input carries the identity quantization (scale 1, zero point 0) and enters the graph
+    through DEQUANTIZE, which XNNPACK vectorises (a CAST there runs on LiteRT's scalar kernel;
+    `flatbuffer.dequantize_uint8_inputs`). (`input_type='float32'` gives a float 0..1 input.)
   - builtin TFLite ops only (no Flex / SELECT_TF_OPS, no custom ops): checked, else an error.
   - fp16: float16 weights, float compute. int8: full-integer quantization (per-channel
     weights, int8 activations) calibrated on the given REAL images; the uint8 input and
@@ -348,6 +350,8 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
   # the JAX reference below still uses `fn` itself.
   export_fn = lowering.for_precision(fn, precision)
   model = convert(export_fn, image_size, precision, batch, input_type, calibration_images)
+  if input_type == 'uint8':
+    model = flatbuffer.dequantize_uint8_inputs(model)  # vectorised uint8 -> float in XNNPACK
   meta = {
       'format': 'kdflax-tflite/1', 'model': model_name, 'precision': precision,
       'signature': SIGNATURE_KEY,
