@@ -17,19 +17,14 @@ timm registers no `mobilenetv3_large_050`; that name is built with timm's own ge
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 
 def timm_mnv3_facts(models: list[str], num_classes: int = 1000) -> dict[str, dict]:
   """Facts (see module docstring) for each MobileNetV3 name in `models`."""
-  cmd = [sys.executable, __file__, str(num_classes), *models]
-  env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-  if proc.returncode != 0:
-    raise RuntimeError(f'timm facts failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  from helpers.torch_child import run_torch_child
+  out = run_torch_child(__file__, [str(num_classes), *models], 'timm facts', timeout=600)
+  return json.loads(out.strip().splitlines()[-1])
 
 
 def _create(name: str, num_classes: int):

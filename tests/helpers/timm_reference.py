@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 
@@ -49,17 +46,15 @@ def timm_reference(tmp_path: pathlib.Path, model: str, num_classes: int, image_s
   """Creates, runs and saves a timm model (or, with `hf_swin`, an HF transformers Swin)."""
   out = pathlib.Path(tmp_path) / f'ref_{model}_{seed}'
   out.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, __file__, '--model', model, '--num_classes', str(num_classes),
-         '--image_size', str(image_size), '--out', str(out), '--batch', str(batch),
-         '--seed', str(seed), '--kwargs', json.dumps(kwargs or {}), '--hooks', *hooks]
+  args = ['--model', model, '--num_classes', str(num_classes),
+          '--image_size', str(image_size), '--out', str(out), '--batch', str(batch),
+          '--seed', str(seed), '--kwargs', json.dumps(kwargs or {}), '--hooks', *hooks]
   if hf_swin:
-    cmd.append('--hf_swin')
+    args.append('--hf_swin')
   if calibrate_bn:
-    cmd.append('--calibrate_bn')
-  env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-  if proc.returncode != 0:
-    raise RuntimeError(f'timm reference failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+    args.append('--calibrate_bn')
+  from helpers.torch_child import run_torch_child
+  run_torch_child(__file__, args, 'timm reference')
   data = np.load(out / 'reference.npz')
   with open(out / 'meta.json') as f:
     meta = json.load(f)

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import pathlib
-import subprocess
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -103,11 +102,8 @@ def _run(root: pathlib.Path, specs: Mapping[str, Mapping[str, Any]],
   job = {'runs': {label: _argv(root / label, spec) for label, spec in specs.items()},
          'param_counts': {k: [name, dict(kw)] for k, (name, kw) in (param_counts or {}).items()},
          'counts_file': str(root / 'param_counts.json')}
-  env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
-  proc = subprocess.run([sys.executable, __file__], input=json.dumps(job), capture_output=True,
-                        text=True, env=env, timeout=900)
-  if proc.returncode != 0:
-    raise RuntimeError(f'timm references failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+  from helpers.torch_child import run_torch_child
+  run_torch_child(__file__, [], 'timm references', stdin=json.dumps(job))
 
 
 def _load_all(root: pathlib.Path, specs: Mapping[str, Mapping[str, Any]]

@@ -13,19 +13,14 @@ Why a subprocess: timm imports torchvision, which segfaults after TensorFlow (se
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 
 def timm_vit_facts(models: list[str], num_classes: int = 1000) -> dict[str, dict]:
   """Facts (see module docstring) for each timm model name in `models`."""
-  cmd = [sys.executable, __file__, str(num_classes), *models]
-  env = {**os.environ, 'CUDA_VISIBLE_DEVICES': ''}
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-  if proc.returncode != 0:
-    raise RuntimeError(f'timm facts failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  from helpers.torch_child import run_torch_child
+  out = run_torch_child(__file__, [str(num_classes), *models], 'timm facts', timeout=600)
+  return json.loads(out.strip().splitlines()[-1])
 
 
 def _main() -> None:
