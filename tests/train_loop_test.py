@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kdflax.train import checkpoint as model_io
+from kdflax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')
@@ -92,8 +93,7 @@ def test_two_processes_match_one_process(tmp_path):
                   _variables(os.path.join(two, 'model_final')), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
   # Only process 0 writes metrics.
-  with open(os.path.join(two, 'metrics.jsonl')) as f:
-    assert sum(1 for line in f if '"train/loss"' in line) == 3
+  assert sum(1 for r in read_metrics(two) if 'train/loss' in r) == 3
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -150,6 +150,5 @@ def test_bfloat16_compute_with_mixup_soft_labels(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   leaves = _variables(os.path.join(workdir, 'model_final'))
   assert all(x.dtype == np.float32 and np.all(np.isfinite(x)) for x in leaves)
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
+  records = read_metrics(workdir)
   assert [r['step'] for r in records if 'train/loss' in r] == [1, 2, 3]
