@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kdflax.train import checkpoint as model_io
+from kdflax.train.loop import CHECKPOINT_DIR
 from kdflax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,12 @@ def _last_step(workdir):
   return max(steps, default=0)
 
 
+def _committed_checkpoints(workdir):
+  """Steps Orbax has finalised (an async save in flight is a `*.orbax-checkpoint-tmp*` dir)."""
+  path = os.path.join(workdir, CHECKPOINT_DIR)
+  return [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+
+
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
   reference, killed = str(tmp_path / 'reference'), str(tmp_path / 'killed')
   proc = run('student', '--config', CONFIG, '--workdir', reference)
@@ -54,7 +61,10 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
   kill_at = random.Random(os.getpid()).randint(2, 10)
   victim = kdflax('student', '--config', CONFIG, '--workdir', killed)
   deadline = time.time() + 600
-  while _last_step(killed) < kill_at and victim.poll() is None and time.time() < deadline:
+  # Killed once the run has passed `kill_at` and at least one checkpoint is on disk (the first
+  # save may still be in flight when step 2's metrics appear: then there is nothing to resume).
+  while ((_last_step(killed) < kill_at or not _committed_checkpoints(killed))
+         and victim.poll() is None and time.time() < deadline):
     time.sleep(0.05)
   victim.send_signal(signal.SIGKILL)
   victim.wait()
