@@ -10,6 +10,7 @@ from helpers.timm_mnv3_facts import timm_mnv3_facts
 from kdflax.convert.timm import convert_state_dict
 from kdflax.models import complexity, create_model
 from kdflax.models import mobilenetv3 as mnv3
+from kdflax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 PRESETS = [f'mobilenetv3_{v}_{w}' for v in ('large', 'small') for w in ('100', '075', '050')]
 
@@ -36,8 +37,8 @@ def test_structure_matches_timm(timm_facts, name):
   module, size = create_model(name, num_classes=1000)
   assert complexity.count_params(variables) == facts['num_params']
   assert facts['bn'] == [[mnv3.BN_EPS, pytest.approx(1 - mnv3.BN_MOMENTUM)]]
-  assert facts['mean'] == pytest.approx(mnv3.IMAGENET_MEAN)
-  assert facts['std'] == pytest.approx(mnv3.IMAGENET_STD)
+  assert facts['mean'] == pytest.approx(IMAGENET_MEAN)
+  assert facts['std'] == pytest.approx(IMAGENET_STD)
   # Stride 4/8/16/32 features: the same timm blocks, the same widths as what we sow.
   timm_features = [f for f in facts['feature_info'] if f['reduction'] >= 4]
   assert [f['reduction'] for f in timm_features] == [4, 8, 16, 32]
@@ -160,7 +161,7 @@ def test_dropout_only_in_train_and_batch_stats_update(tiny):
   assert all(jax.tree.leaves(changed))
   # The stem BN sees conv_stem(normalised x): its running stats move 10% towards the batch's
   # (Flax momentum 0.9 = PyTorch momentum 0.1).
-  xn = (x - jnp.array(mnv3.IMAGENET_MEAN)) / jnp.array(mnv3.IMAGENET_STD)
+  xn = (x - jnp.array(IMAGENET_MEAN)) / jnp.array(IMAGENET_STD)
   stem = jax.lax.conv_general_dilated(
       xn, variables['params']['conv_stem']['kernel'], (2, 2), ((1, 1), (1, 1)),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))

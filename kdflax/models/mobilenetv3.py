@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdflax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: F401
+from kdflax.models.preprocess import normalize
 
 # PyTorch BatchNorm defaults (momentum 0.1 -> Flax decay 0.9, eps 1e-5), as timm uses them.
 BN_MOMENTUM = 0.9
