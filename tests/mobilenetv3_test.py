@@ -10,6 +10,7 @@ from helpers.timm_mnv3_facts import timm_mnv3_facts
 from kdflax.convert.timm import convert_state_dict
 from kdflax.models import complexity, create_model
 from kdflax.models import mobilenetv3 as mnv3
+from kdflax.models.depthwise import reference_form
 from kdflax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 PRESETS = [f'mobilenetv3_{v}_{w}' for v in ('large', 'small') for w in ('100', '075', '050')]
@@ -197,6 +198,7 @@ def _all_eqns(jaxpr):
 def test_export_clean_no_dense_on_rank4():
   """Every matmul in the eval graph is 2-D: jax2tf -> TFLite needs no batch_matmul."""
   module, size = create_model('mobilenetv3_large_100', num_classes=10)
+  module = reference_form(module)  # the form export traces: depthwise as grouped convolutions
   variables = complexity.abstract_variables(module, size)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda v, xx: module.apply(v, xx))(variables, x).jaxpr

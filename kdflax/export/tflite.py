@@ -54,6 +54,7 @@ from kdflax.export.interpreter import (
 )
 from kdflax.export.isolated import InterpreterCrash, run_isolated
 from kdflax.export.parity import ParityResult, compare_logits
+from kdflax.models.depthwise import reference_form
 
 PRECISIONS = ('fp32', 'fp16', 'int8')
 INPUT_TYPES = ('uint8', 'float32')
@@ -95,6 +96,7 @@ def serving_function(module: nn.Module, variables: Mapping[str, Any],
   if input_type not in INPUT_TYPES:
     raise ValueError(f'input_type must be one of {INPUT_TYPES}, got {input_type!r}')
   variables = jax.tree.map(jnp.asarray, dict(variables))
+  module = reference_form(module)  # grouped convolutions -> TFLite DEPTHWISE_CONV_2D
 
   def fn(image):
     x = image.astype(jnp.float32)

@@ -20,6 +20,8 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
+from kdflax.models.depthwise import reference_form
+
 
 def abstract_variables(module: nn.Module, image_size: int | tuple[int, int],
                        batch: int = 1) -> Mapping[str, Any]:
@@ -77,6 +79,7 @@ def count_macs(module: nn.Module, variables: Mapping[str, Any],
   """MACs of one eval-mode forward pass of `batch` images (`variables` may be abstract)."""
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
   x = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
+  module = reference_form(module)  # depthwise as convolutions, counted by `_conv_macs`
   closed = jax.make_jaxpr(lambda v, xx: module.apply(v, xx))(variables, x)
   return int(_jaxpr_macs(closed.jaxpr))
 

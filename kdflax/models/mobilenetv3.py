@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdflax.models.depthwise import DepthwiseConv, resolve_impl
 from kdflax.models.preprocess import normalize
 
 # PyTorch BatchNorm defaults (momentum 0.1 -> Flax decay 0.9, eps 1e-5), as timm uses them.
@@ -147,11 +148,11 @@ class _Layers:
   def __init__(self, dtype: Any, param_dtype: Any, train: bool):
     self.dtype, self.param_dtype, self.train = dtype, param_dtype, train
 
-  def conv(self, features: int, kernel: int, stride: int = 1, groups: int = 1,
-           bias: bool = False, name: str | None = None) -> nn.Conv:
+  def conv(self, features: int, kernel: int, stride: int = 1, bias: bool = False,
+           name: str | None = None) -> nn.Conv:
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=bias, dtype=self.dtype,
+                   use_bias=bias, dtype=self.dtype,
                    param_dtype=self.param_dtype, name=name)
 
   def bn(self, name: str) -> nn.BatchNorm:
@@ -185,6 +186,7 @@ class Block(nn.Module):
 
   config: BlockConfig
   drop_path_rate: float = 0.0
+  depthwise: str = 'auto'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -202,7 +204,8 @@ class Block(nn.Module):
       dw_bn, pw_name, pw_bn = 'bn2', 'conv_pwl', 'bn3'
     else:  # 'ds'
       dw_bn, pw_name, pw_bn = 'bn1', 'conv_pw', 'bn2'
-    x = layers.conv(c.mid_chs, c.kernel, c.stride, groups=c.mid_chs, name='conv_dw')(x)
+    x = DepthwiseConv(c.kernel, c.stride, impl=self.depthwise, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name='conv_dw')(x)
     x = act(layers.bn(dw_bn)(x))
     if c.se_chs:
       x = SqueezeExcite(c.se_chs, dtype=self.dtype, param_dtype=self.param_dtype, name='se')(x)
@@ -225,6 +228,10 @@ class MobileNetV3(nn.Module):
     drop_rate: dropout before the classifier, train only (0.2 as in the MobileNetV3 paper and
       timm's training recipe; timm's constructor default is 0, which only matters in training).
     drop_path_rate: stochastic depth of the last block; earlier blocks scale linearly.
+    depthwise: depthwise-convolution implementation, 'auto' (per backend at trace time),
+      'conv' (grouped convolution; what TFLite export uses) or 'shifted' (sum of shifted
+      slices, several times faster on XLA:CPU); see `kdflax.models.depthwise`. Parameters
+      and results are the same for all three.
     dtype: compute dtype (e.g. bfloat16); logits are always float32.
     param_dtype: parameter dtype.
   """
@@ -234,11 +241,13 @@ class MobileNetV3(nn.Module):
   width_mult: float = 1.0
   drop_rate: float = 0.2
   drop_path_rate: float = 0.0
+  depthwise: str = 'auto'
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   def __post_init__(self) -> None:
     block_configs(self.variant, self.width_mult)  # a bad variant / width fails on creation
+    resolve_impl(self.depthwise)
     super().__post_init__()
 
   @nn.compact
@@ -257,8 +266,8 @@ class MobileNetV3(nn.Module):
     feature_stages = FEATURE_STAGES[self.variant]
     for i, blocks in enumerate(stages):
       for j, config in enumerate(blocks):
-        x = Block(config, self.drop_path_rate, dtype=self.dtype, param_dtype=self.param_dtype,
-                  name=f'blocks_{i}_{j}')(x, train)
+        x = Block(config, self.drop_path_rate, self.depthwise, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f'blocks_{i}_{j}')(x, train)
       if i in feature_stages:
         self.sow('intermediates', f'stage{feature_stages.index(i)}', x)
 
