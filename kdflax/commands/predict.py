@@ -7,7 +7,8 @@ One JSON line per image on stdout, in the order the files are found (folders are
 recursively, sorted); a progress bar on stderr. An image that cannot be decoded gets a line
 `{"file": ..., "error": ...}` (and a message on stderr) and is skipped. Scores are softmax
 probabilities. Exit status: 0 all images classified, 1 some failed, 2 bad usage (no such
-model or path, no images).
+model or path, no images) or a bad model (an empty, foreign or truncated `.tflite`, one line
+on stderr; `kdflax.export.flatbuffer.read_tflite`).
 
 Each image is brought to the model's input as the training pipeline evaluates (short side
 to S / 0.875, centre crop S x S; `kdflax.export.images.load_image`), then fed as uint8.
@@ -50,13 +51,37 @@ class _Classifier:
 
   def __init__(self, model: str, threads: int):
     if os.path.isfile(model):
-      from kdflax.export.interpreter import TFLiteClassifier
-      clf = TFLiteClassifier(model, num_threads=threads)
+      clf = _tflite_classifier(model, threads)
       self.image_size, self.labels, self.run = clf.image_size, clf.labels, clf
     elif os.path.isdir(model):
       self.image_size, self.labels, self.run = _jax_classifier(model)
     else:
       raise FileNotFoundError(f'--model {model}: no such file or directory')
+
+
+def _one_line(text: str) -> str:
+  return '; '.join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _tflite_classifier(path: str, threads: int):
+  """A `TFLiteClassifier` for `path`, after checking the file (`flatbuffer.read_tflite`).
+
+  Raises:
+    ModelFileError: empty, foreign or truncated file, or one the interpreter refuses (one line
+      naming `path`).
+  """
+  from kdflax.export.flatbuffer import ModelFileError, read_tflite
+  from kdflax.export.interpreter import TFLiteClassifier
+  read_tflite(path)
+  try:
+    return TFLiteClassifier(path, num_threads=threads)
+  except ModelFileError:
+    raise
+  except (ValueError, RuntimeError) as e:
+    message = _one_line(e)
+    if not message.startswith(path):
+      message = f'{path}: the LiteRT interpreter cannot load it: {message}'
+    raise ModelFileError(message) from None
 
 
 def _jax_classifier(directory: str) -> tuple[int, tuple[str, ...], Callable]:
@@ -100,7 +125,7 @@ def main(argv: list[str]) -> int:
       raise FileNotFoundError(f'no images under {" ".join(args.paths)}')
     clf = _Classifier(args.model, args.threads)
   except (FileNotFoundError, ValueError) as e:
-    print(f'kdflax predict: error: {e}', file=sys.stderr)
+    print(f'kdflax predict: error: {_one_line(e)}', file=sys.stderr)
     return 2
 
   from tqdm import tqdm

@@ -17,12 +17,15 @@ what differs. Sections:
     export        what `pipeline` exports at the end
     distributed   multi-host set-up (`jax.distributed.initialize`)
 
-Every key can be overridden on the command line, e.g. `--config.optim.learning_rate=3e-4`;
-an unknown key is an error naming it.
+Every key can be overridden on the command line, e.g. `--config.optim.learning_rate=3e-4`.
+The loaded config (file and overrides) is checked against `base_config()`
+(`kdflax.train.config_check`): an unknown key (with a "did you mean" hint), a value of the
+wrong type or out of range is a one-line `ConfigError` naming the file and the key.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Sequence
@@ -31,13 +34,10 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from kdflax.train.config_check import ConfigError, check_config, check_schema, get_config_error
 from kdflax.train.optim import default_optim_config
 
 RESOLVED_CONFIG = 'config.json'
-
-
-class ConfigError(ValueError):
-  """A config file or override is invalid."""
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -122,7 +122,9 @@ def _check_override_keys(config: ml_collections.ConfigDict, argv: Sequence[str],
         break  # create_model overrides are free-form; the registry validates them
       where = '.'.join(walked) or 'the top level'
       known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      raise ConfigError(f'unknown config key {match.group(1)!r} in {arg!r} ({source}); '
+      close = difflib.get_close_matches(part, known, n=1)
+      hint = f" (did you mean '{'.'.join([*walked, close[0]])}'?)" if close else ''
+      raise ConfigError(f'unknown config key {match.group(1)!r} in {arg!r} ({source}){hint}; '
                         f'keys under {where}: {", ".join(known)}')
 
 
@@ -134,7 +136,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     overrides: command-line arguments; those that are not `--config.*` are ignored.
 
   Raises:
-    ConfigError: missing/broken file, unknown key, or a value of the wrong type, in one line.
+    ConfigError: missing/broken file, unknown key, a value of the wrong type or out of range
+      (`kdflax.train.config_check`), in one line naming the file and the key.
   """
   file_part = path.split(':', 1)[0]
   if not os.path.isfile(file_part):
@@ -143,7 +146,12 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   try:
     base = _load_without_overrides(path)
   except Exception as e:  # noqa: BLE001 - a user's config file can raise anything.
-    raise ConfigError(f'{file_part}: get_config() failed: {type(e).__name__}: {e}') from None
+    raise get_config_error(e, file_part) from None
+  if not isinstance(base, ml_collections.ConfigDict):
+    raise ConfigError(f'{file_part}: get_config() returned {type(base).__name__}; expected an '
+                      'ml_collections.ConfigDict (start from base_config())')
+  reference = base_config()
+  check_schema(base, reference, file_part)
   _check_override_keys(base, wanted, file_part)
   # `*.overrides.<field>` may name create_model fields the config file did not set, which
   # ml_collections' locked parsing cannot add: those are applied here after parsing.
@@ -161,6 +169,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   config = values.config
   for arg in free:
     _set_free_override(config, arg, file_part)
+  origins = {_OVERRIDE.match(a).group(1): a for a in wanted}
+  check_config(config, reference, file_part, origins)
   return config
 
 
