@@ -1,0 +1,249 @@
+"""PyTorch/timm half of `tools/bench_train.py`: one train-step timing, one JSON line out.
+
+    .venv/bin/python tools/bench_train_torch.py --step kd --size 224 --batch 16 [--compile]
+        [--steps 10] [--warmup 2] [--teacher swin_tiny_patch4_window7_224]
+        [--student mobilenetv3_large_100] [--num-classes 10] [--temperature 4]
+        [--lr 1e-3] [--weight-decay 0.05] [--grad-clip 1.0]
+
+Run by `bench_train.py` as a child process: it imports PyTorch and timm only (no TensorFlow,
+no kdflax: importing torchvision after TensorFlow segfaults in the pinned toolchain). Prints
+`{"images_per_s", "step_s", "first_step_s", "torch", "timm", ...}` or `{"error": "..."}`.
+
+The steps mirror kdflax's (see `bench_train.py`), on random weights and a fixed random batch:
+  kd        teacher forward (eval, no grad) + student forward/backward (train mode) + CE +
+            logit KD + attention transfer over 4 stage pairs + gradient clipping + AdamW
+  student   student forward/backward + CE + gradient clipping + AdamW
+  kd_given  `kd` with the teacher's logits and (student-grid) stage maps given as inputs
+Images are NCHW in [0, 1], normalised inside the step (kdflax models normalise inside too).
+Attention transfer is kdflax's `l2` map distance: maps `mean_c F^2`, the teacher's resized to
+the student grid with kdflax's interpolation (area down, bilinear up; the identity when the
+grids agree, as they do for Swin vs MobileNetV3 stages), flattened, L2-normalised (eps 1e-12),
+squared difference averaged over positions and batch, summed over the pairs.
+`--compile` wraps the loss function (forward passes and losses; AOTAutograd compiles the
+backward) in `torch.compile`; the optimizer step stays eager. Its first step is the compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+STUDENT_STAGE_BLOCKS = (1, 2, 4, 6)  # timm MobileNetV3-Large blocks at strides 4, 8, 16, 32
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--step', choices=('kd', 'student', 'kd_given'), required=True)
+  parser.add_argument('--size', type=int, required=True)
+  parser.add_argument('--batch', type=int, required=True)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--compile', action='store_true')
+  parser.add_argument('--teacher', default='swin_tiny_patch4_window7_224')
+  parser.add_argument('--student', default='mobilenetv3_large_100')
+  parser.add_argument('--num-classes', type=int, default=10)
+  parser.add_argument('--temperature', type=float, default=4.0)
+  parser.add_argument('--weights', type=float, nargs=3, default=(1.0, 1.0, 1.0),
+                      metavar=('CE', 'KD', 'AT'))
+  parser.add_argument('--lr', type=float, default=1e-3)
+  parser.add_argument('--weight-decay', type=float, default=0.05)
+  parser.add_argument('--grad-clip', type=float, default=1.0)
+  parser.add_argument('--student-drop-rate', type=float, default=0.2)
+  return parser.parse_args(argv)
+
+
+def resize_matrix(src: int, dst: int) -> np.ndarray:
+  """kdflax.distill.attention.resize_matrix: area averaging down, bilinear (half-pixel) up."""
+  if dst == src:
+    return np.eye(src)
+  weights = np.zeros((dst, src))
+  if dst < src:
+    scale = src / dst
+    for i in range(dst):
+      lo, hi = i * scale, (i + 1) * scale
+      for j in range(int(math.floor(lo)), min(int(math.ceil(hi)), src)):
+        weights[i, j] = (min(hi, j + 1) - max(lo, j)) / scale
+  else:
+    for i in range(dst):
+      x = min(max((i + 0.5) * src / dst - 0.5, 0.0), src - 1.0)
+      j0 = int(math.floor(x))
+      j1 = min(j0 + 1, src - 1)
+      weights[i, j0] += 1.0 - x + j0
+      weights[i, j1] += x - j0
+  return weights
+
+
+def align(maps, size: tuple[int, int]):
+  """`(B, H, W)` -> `(B, h, w)` as kdflax's `align` (unchanged when the sizes agree)."""
+  import torch
+  if tuple(maps.shape[1:]) == tuple(size):
+    return maps
+  rows = torch.from_numpy(resize_matrix(maps.shape[1], size[0])).to(maps.dtype)
+  cols = torch.from_numpy(resize_matrix(maps.shape[2], size[1])).to(maps.dtype)
+  return torch.einsum('hH,bHW,wW->bhw', rows, maps, cols)
+
+
+def map_distance(student_maps, teacher_maps):
+  """kdflax `map_distance(..., 'l2')`: mean squared difference of L2-normalised flat maps."""
+  import torch.nn.functional as F
+  s = F.normalize(student_maps.flatten(1), dim=-1, eps=1e-12)
+  t = F.normalize(teacher_maps.flatten(1), dim=-1, eps=1e-12)
+  return (s - t).pow(2).mean()
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float):
+  """`T^2 * mean_b KL(softmax(t / T) || softmax(s / T))`."""
+  import torch.nn.functional as F
+  s = F.log_softmax(student_logits / temperature, dim=-1)
+  t = F.log_softmax(teacher_logits / temperature, dim=-1)
+  return temperature**2 * F.kl_div(s, t, log_target=True, reduction='batchmean')
+
+
+def student_forward(model, x):
+  """timm MobileNetV3 forward returning logits and the 4 feature stages (NCHW)."""
+  x = model.bn1(model.conv_stem(x))
+  feats = []
+  for i, block in enumerate(model.blocks):
+    x = block(x)
+    if i in STUDENT_STAGE_BLOCKS:
+      feats.append(x)
+  return model.forward_head(x), feats
+
+
+def teacher_forward(model, x):
+  """timm Swin forward returning logits and the 4 stage outputs (NHWC in timm 1.0)."""
+  x = model.patch_embed(x)
+  feats = []
+  for layer in model.layers:
+    x = layer(x)
+    feats.append(x)
+  return model.forward_head(model.norm(x)), feats
+
+
+def make_loss_fn(args: argparse.Namespace, student, teacher, mean, std) -> Callable:
+  """`loss(images, labels, teacher_logits, teacher_maps) -> scalar` for `args.step`."""
+  import torch
+  import torch.nn.functional as F
+  w_ce, w_kd, w_at = args.weights
+
+  def loss_fn(images, labels, given_logits=None, given_maps=None):
+    x = (images - mean) / std
+    logits, feats = student_forward(student, x)
+    loss = w_ce * F.cross_entropy(logits, labels)
+    if args.step == 'student':
+      return loss
+    if args.step == 'kd':
+      with torch.no_grad():
+        t_logits, t_feats = teacher_forward(teacher, x)
+        t_maps = [f.pow(2).mean(dim=-1) for f in t_feats]
+    else:
+      t_logits, t_maps = given_logits, given_maps
+    loss = loss + w_kd * kd_loss(logits, t_logits, args.temperature)
+    at = 0.0
+    for f, t_map in zip(feats, t_maps, strict=True):
+      s_map = f.pow(2).mean(dim=1)
+      at = at + map_distance(s_map, align(t_map, tuple(s_map.shape[1:])))
+    return loss + w_at * at
+
+  return loss_fn
+
+
+def make_optimizer(args: argparse.Namespace, model):
+  """AdamW with weight decay on matrices and conv kernels only, as kdflax's."""
+  import torch
+  decay = [p for p in model.parameters() if p.ndim > 1]
+  no_decay = [p for p in model.parameters() if p.ndim <= 1]
+  return torch.optim.AdamW([{'params': decay, 'weight_decay': args.weight_decay},
+                            {'params': no_decay, 'weight_decay': 0.0}],
+                           lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def build(args: argparse.Namespace):
+  """Models, optimizer, the (maybe compiled) step and a fixed random batch."""
+  import timm
+  import torch
+  torch.manual_seed(0)
+  student = timm.create_model(args.student, pretrained=False, num_classes=args.num_classes,
+                              drop_rate=args.student_drop_rate).train()
+  teacher = None
+  if args.step == 'kd':
+    teacher = timm.create_model(args.teacher, pretrained=False, num_classes=args.num_classes,
+                                img_size=args.size).eval()
+    teacher.requires_grad_(False)
+  cfg = student.pretrained_cfg
+  mean = torch.tensor(cfg['mean']).view(1, 3, 1, 1)
+  std = torch.tensor(cfg['std']).view(1, 3, 1, 1)
+  loss_fn = make_loss_fn(args, student, teacher, mean, std)
+  if args.compile:
+    loss_fn = torch.compile(loss_fn)
+  params = list(student.parameters())
+  optimizer = make_optimizer(args, student)
+
+  def step(images, labels, given_logits, given_maps):
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(images, labels, given_logits, given_maps)
+    loss.backward()
+    if args.grad_clip > 0:
+      torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+  gen = torch.Generator().manual_seed(1)
+  images = torch.rand(args.batch, 3, args.size, args.size, generator=gen)
+  labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen)
+  given_logits = given_maps = None
+  if args.step == 'kd_given':
+    with torch.no_grad():
+      _, feats = student_forward(student.eval(), images[:1])
+    student.train()
+    given_logits = torch.randn(args.batch, args.num_classes, generator=gen)
+    given_maps = [torch.rand(args.batch, *f.shape[2:], generator=gen) for f in feats]
+  return step, (images, labels, given_logits, given_maps)
+
+
+def measure(args: argparse.Namespace) -> dict:
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  step, batch = build(args)
+  start = time.perf_counter()
+  step(*batch).item()
+  first_step_s = time.perf_counter() - start
+  for _ in range(args.warmup):
+    step(*batch)
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    loss = step(*batch)
+  loss.item()
+  step_s = (time.perf_counter() - start) / args.steps
+  return {'images_per_s': args.batch / step_s, 'step_s': step_s,
+          'first_step_s': first_step_s, 'loss': float(loss),
+          'threads': torch.get_num_threads()}
+
+
+def one_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f'{type(error).__name__}: {lines[0] if lines else ""}'[:200]
+
+
+def main(argv: list[str]) -> int:
+  args = parse_args(argv)
+  import timm
+  import torch
+  versions = {'torch': torch.__version__, 'timm': timm.__version__}
+  try:
+    result = measure(args)
+  except Exception as e:  # noqa: BLE001 - reported as the table cell, e.g. a compile failure.
+    result = {'error': one_line(e)}
+  print(json.dumps({**result, **versions}), flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
