@@ -16,8 +16,11 @@ COMMANDS = {
     'teacher': ('train', 'fine-tune the teacher on the configured data'),
     'student': ('train', 'train the baseline student (no teacher)'),
     'distill': ('train', 'distil a teacher into the student'),
+    'cache-teacher': ('cache_teacher', 'run the frozen teacher once over K augmented views of '
+                      'the train images (distill --config.teacher.cache)'),
     'eval': ('evaluate', 'evaluate a model directory or workdir on a split'),
     'pipeline': ('pipeline', 'teacher -> baseline -> distil -> export -> report'),
+    'matrix': ('matrix', 'every distillation method x seed, exported to int8, mean +- std'),
     'export': ('export', 'export a model to .tflite (fp32 / fp16 / int8) with a parity check'),
     'predict': ('predict', 'classify images with a .tflite file or a model directory'),
     'convert': ('convert', 'convert a timm / Hugging Face PyTorch checkpoint to a model dir'),

@@ -1,0 +1,193 @@
+"""`kdflax matrix`: every distillation method x seed on one config, exported, with mean +- std.
+
+    kdflax matrix --config configs/beans_hybrid.py --workdir runs/beans_matrix \
+        [--methods baseline,kd,hybrid] [--seeds 0,1,2] [--config.key=value ...]
+
+1. The teacher: `config.teacher.checkpoint` when set, else trained once in `WORKDIR/teacher`.
+2. For every method and seed: the same student, data, augmentation, optimizer and schedule,
+   with only the loss terms of the method switched on (`METHODS`; each term keeps the weight
+   and options the config gives it, a term the config leaves at weight 0 gets weight 1.0),
+   `config.seed` and `config.data.seed` set to the seed; in `WORKDIR/<method>_s<seed>`.
+   `baseline` is the plain student stage (cross-entropy, no teacher).
+3. Each row's best model is exported to int8 `.tflite` (calibrated on the train split) and
+   both the JAX model and the `.tflite` are scored on the eval split.
+4. `WORKDIR/results.json` (`rows`: method, seed, val_top1, int8_val_top1, tflite, wall_s; and
+   `summary`: per method mean and std) and `WORKDIR/results.md` (a table with mean +- std).
+
+Resumable: a finished row is stored in `WORKDIR/rows/<method>_s<seed>.json` and never
+retrained; an unfinished one resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.train.config import load_config, save_config
+
+# Method -> the loss terms switched on (all others get weight 0).
+METHODS: dict[str, tuple[str, ...]] = {
+    'baseline': ('ce',),
+    'kd': ('ce', 'kd'),
+    'at': ('ce', 'attention'),
+    'dkd': ('ce', 'dkd'),
+    'hybrid': ('ce', 'kd', 'attention'),
+    'manifold': ('ce', 'kd', 'manifold'),
+    'hybrid_manifold': ('ce', 'kd', 'attention', 'manifold'),
+}
+TERMS = ('ce', 'kd', 'dkd', 'hard', 'attention', 'manifold')
+# Terms that compare intermediates need pairs in the config.
+NEEDS_PAIRS = ('attention', 'manifold')
+
+
+def method_config(config, method: str, seed: int):
+  """A copy of `config` for one row: the method's terms on, the others off, the seed set."""
+  if method not in METHODS:
+    raise ValueError(f'unknown method {method!r}; known: {", ".join(METHODS)}')
+  row = config.copy_and_resolve_references()
+  for term in TERMS:
+    section = row.loss[term]
+    if term in METHODS[method]:
+      if term in NEEDS_PAIRS and not section.pairs:
+        raise ValueError(f'method {method!r} needs config.loss.{term}.pairs')
+      if float(section.weight) == 0:
+        section.weight = 1.0
+    else:
+      section.weight = 0.0
+  row.seed = int(seed)
+  row.data.seed = int(seed)
+  row.export.precisions = ('int8',)
+  return row
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Per method: n, mean and (sample) std of `val_top1` and `int8_val_top1`, in rows' order."""
+  out: dict[str, dict[str, Any]] = {}
+  for method in dict.fromkeys(r['method'] for r in rows):
+    mine = [r for r in rows if r['method'] == method]
+    entry: dict[str, Any] = {'n': len(mine), 'seeds': [r['seed'] for r in mine]}
+    for key in ('val_top1', 'int8_val_top1'):
+      values = [r[key] for r in mine if r.get(key) is not None]
+      entry[key] = {'mean': statistics.fmean(values) if values else None,
+                    'std': statistics.stdev(values) if len(values) > 1 else 0.0}
+    out[method] = entry
+  return out
+
+
+def format_summary(summary: Mapping[str, Mapping[str, Any]]) -> str:
+  """Markdown table: method, seeds, val top-1 mean +- std (JAX and int8), in points."""
+
+  def cell(stat):
+    if stat['mean'] is None:
+      return '-'
+    return f'{100 * stat["mean"]:.1f} +- {100 * stat["std"]:.1f}'
+
+  lines = ['| method | seeds | val top-1 (JAX) | val top-1 (int8 .tflite) |',
+           '|---|---|---:|---:|']
+  for method, entry in summary.items():
+    lines.append(f'| {method} | {",".join(map(str, entry["seeds"]))} | '
+                 f'{cell(entry["val_top1"])} | {cell(entry["int8_val_top1"])} |')
+  return '\n'.join(lines)
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def run_row(config, workdir: str, method: str, seed: int, teacher_dir: str,
+            log: Callable[[str], None]) -> dict[str, Any]:
+  """Trains, exports and scores one (method, seed); returns its results row."""
+  from kdflax.commands.pipeline import export_stage
+  from kdflax.train.stages import run_stage
+
+  row_config = method_config(config, method, seed)
+  name = f'{method}_s{seed}'
+  run_dir = os.path.join(workdir, name)
+  save_config(row_config, run_dir)
+  start = time.perf_counter()
+  if method == 'baseline':
+    summary = run_stage(row_config, run_dir, 'student', log_fn=log)
+  else:
+    summary = run_stage(row_config, run_dir, 'distill', teacher_dir=teacher_dir, log_fn=log)
+  exported = export_stage(row_config, summary['model_dir'], os.path.join(run_dir, 'export'),
+                          log)
+  int8 = next((r for r in exported if 'int8' in r['stage']), {})
+  return {'method': method, 'seed': int(seed),
+          'val_top1': summary.get('best', {}).get('top1'),
+          'int8_val_top1': int8.get('top1'),
+          'tflite': os.path.join(run_dir, 'export', int8['model']) if int8 else None,
+          'int8_detail': int8.get('detail', ''),
+          'wall_s': round(time.perf_counter() - start, 1)}
+
+
+def run_matrix(config, workdir: str, methods: Sequence[str], seeds: Sequence[int],
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Every (method, seed) row (see the module docstring); returns the results object."""
+  from kdflax.train.stages import run_stage
+
+  for method in methods:
+    method_config(config, method, 0)  # unknown methods / missing pairs fail before training
+  os.makedirs(os.path.join(workdir, 'rows'), exist_ok=True)
+  teacher_dir = config.teacher.checkpoint
+  if not teacher_dir and any(m != 'baseline' for m in methods):
+    summary = run_stage(config, os.path.join(workdir, 'teacher'), 'teacher', log_fn=log)
+    teacher_dir = summary['model_dir']
+  rows = []
+  for seed in seeds:
+    for method in methods:
+      path = os.path.join(workdir, 'rows', f'{method}_s{seed}.json')
+      if os.path.exists(path):
+        with open(path) as f:
+          rows.append(json.load(f))
+        log(f'[matrix] {method} seed {seed}: done before ({path})')
+        continue
+      log(f'[matrix] {method} seed {seed}')
+      row = run_row(config, workdir, method, seed, teacher_dir, log)
+      _atomic_json(path, row)
+      rows.append(row)
+  summary = summarize(rows)
+  result = {'config': config.to_dict().get('data', {}).get('root', ''),
+            'teacher': teacher_dir, 'rows': rows, 'summary': summary}
+  _atomic_json(os.path.join(workdir, 'results.json'), result)
+  table = format_summary(summary)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(f'# kdflax matrix\n\n{table}\n\nval top-1 in %, mean +- sample std over seeds; '
+            f'teacher {teacher_dir}\n')
+  log(f'\n{table}')
+  return result
+
+
+def _int_list(text: str) -> list[int]:
+  try:
+    return [int(s) for s in text.split(',') if s.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}'
+                                     ) from None
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog='kdflax matrix', description=__doc__.splitlines()[0])
+  parser.add_argument('--config', required=True)
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--methods', default=','.join(METHODS),
+                      help=f'comma-separated, of: {", ".join(METHODS)}')
+  parser.add_argument('--seeds', type=_int_list, default=[0, 1, 2])
+  args, rest = parse_with_overrides(parser, argv[1:])
+
+  def run() -> int:
+    config = load_config(args.config, rest)
+    save_config(config, args.workdir)
+    methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+    run_matrix(config, args.workdir, methods, args.seeds)
+    return 0
+
+  return run_reporting_errors('matrix', run)
