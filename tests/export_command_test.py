@@ -10,7 +10,9 @@ from helpers.export_models import BEANS
 
 from kdflax import cli
 from kdflax.commands import export
+from kdflax.export import flatbuffer
 from kdflax.export.interpreter import TFLiteClassifier
+from kdflax.export.model_metadata import read_standard_metadata
 from kdflax.models import create_model
 from kdflax.models.complexity import count_macs, count_params
 
@@ -35,6 +37,7 @@ def test_fresh_weights_two_precisions_with_report(tmp_path, capsys):
   assert report['params'] == count_params(abstract)
   assert report['macs'] == count_macs(module, abstract, 64)
   assert report['labels'] == list(LABELS) and report['eval_images'] == 9
+  assert report['output'] == 'probabilities'  # the default
   by_precision = {e['precision']: e for e in report['exports']}
   assert set(by_precision) == {'fp32', 'int8'}
   for precision, entry in by_precision.items():
@@ -54,6 +57,20 @@ def test_fresh_weights_two_precisions_with_report(tmp_path, capsys):
   md = (tmp_path / 'student.report.md').read_text()
   assert md.count('| fp32 |') == 1 and md.count('| int8 |') == 1
   assert 'student_int8.tflite' in stdout and 'report:' in stdout
+
+
+def test_output_logits_on_request(tmp_path, capsys):
+  out = tmp_path / 'logits.tflite'
+  code = cli.main(['export', '--model', 'mobilenetv3_small_050', '--num_classes', '3',
+                   '--labels', ','.join(LABELS), '--image_size', '32', '--out', str(out),
+                   '--output', 'logits', '--no-report'])
+  assert code == 0, capsys.readouterr().err
+  clf = TFLiteClassifier(out)
+  assert clf.output_kind == 'logits' and clf.labels == LABELS
+  assert clf.interpreter.get_signature_list()['serving_default']['outputs'] == ['logits']
+  assert 'SOFTMAX' not in flatbuffer.op_names(out.read_bytes())
+  standard = read_standard_metadata(out.read_bytes())
+  assert standard.output_name == 'logits' and standard.labels == LABELS
 
 
 def test_model_directory_export_keeps_labels(tmp_path):

@@ -19,12 +19,12 @@ def test_large_student_at_224_converts_and_matches_jax(tmp_path):
                                 labels=('angular_leaf_spot', 'bean_rust', 'healthy'))
   # The check ran the file in LiteRT (child process) against JAX on 3 real photos.
   assert result.parity.passed and result.parity.num_images == 3
-  assert result.parity.max_abs_diff <= 1e-4  # absolute, on logits of order 1
+  assert result.parity.max_abs_diff <= 1e-4  # absolute, on the output probabilities
   content = out.read_bytes()
   assert flatbuffer.non_builtin_ops(content) == []
-  assert {'CONV_2D', 'DEPTHWISE_CONV_2D', 'HARD_SWISH', 'FULLY_CONNECTED'} <= set(
+  assert {'CONV_2D', 'DEPTHWISE_CONV_2D', 'HARD_SWISH', 'FULLY_CONNECTED', 'SOFTMAX'} <= set(
       flatbuffer.op_names(content))
   assert read_model_metadata(content)['input']['shape'] == [1, 224, 224, 3]
   clf = TFLiteClassifier(out)
   assert clf.interpreter.get_signature_list()['serving_default'] == {
-      'inputs': ['image'], 'outputs': ['logits']}
+      'inputs': ['image'], 'outputs': ['probabilities']}

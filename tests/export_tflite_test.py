@@ -12,6 +12,7 @@ from helpers.export_models import TinyCNN, TinyGelu, init_calibrated, leaf_image
 
 from kdflax.export import flatbuffer, isolated, lowering, tflite
 from kdflax.export.interpreter import TFLiteClassifier, labels_path, read_model_metadata
+from kdflax.export.model_metadata import read_standard_metadata
 from kdflax.export.parity import compare_logits
 
 SIZE = 32
@@ -46,9 +47,10 @@ def test_export_passes_parity_and_describes_itself(tmp_path, cnn, photos, precis
   assert flatbuffer.non_builtin_ops(content) == []
   ops = flatbuffer.op_names(content)
   if precision == 'int8':
-    # Full integer: the only float tensors are the logits (and nothing else computes in float).
+    # Full integer up to the logits; only their DEQUANTIZE and a float SOFTMAX (probabilities
+    # without int8 1/256 steps, on XNNPACK) follow.
     assert 'HARD_SWISH' not in ops  # lowered to ops XNNPACK runs quantized
-    assert ops[-1] == 'DEQUANTIZE'
+    assert ops[-2:] == ['DEQUANTIZE', 'SOFTMAX'] and ops.count('SOFTMAX') == 1
     assert flatbuffer.tensor_types(content).get('INT8', 0) > 10
   else:
     assert ops.count('HARD_SWISH') == 2
@@ -58,14 +60,20 @@ def test_export_passes_parity_and_describes_itself(tmp_path, cnn, photos, precis
   meta = read_model_metadata(content)
   assert meta['labels'] == list(LABELS) and meta['precision'] == precision
   assert meta['input']['dtype'] == 'uint8' and meta['input']['shape'] == [1, SIZE, SIZE, 3]
+  assert meta['output']['kind'] == 'probabilities'
   assert open(labels_path(out)).read().split() == list(LABELS)
+  standard = read_standard_metadata(content)  # what MediaPipe & co. read
+  assert standard.labels == LABELS and standard.name == 'tiny' and standard.version
+  assert standard.input_mean == () and standard.output_name == 'probabilities'
 
   clf = TFLiteClassifier(out)
   assert clf.labels == LABELS and clf.input_dtype == np.uint8
+  assert clf.output_kind == 'probabilities'
   assert clf.interpreter.get_signature_list() == {
-      'serving_default': {'inputs': ['image'], 'outputs': ['logits']}}
+      'serving_default': {'inputs': ['image'], 'outputs': ['probabilities']}}
   # Independent check of the result the export reported: JAX on the same uint8 pixels.
-  want = np.asarray(module.apply(variables, photos.astype(np.float32) / 255.0))
+  logits = np.asarray(module.apply(variables, photos.astype(np.float32) / 255.0))
+  want = np.asarray(jax.nn.softmax(logits, axis=-1))
   got = clf(photos)
   if precision == 'fp32':
     np.testing.assert_allclose(got, want, atol=1e-4)
@@ -73,7 +81,10 @@ def test_export_passes_parity_and_describes_itself(tmp_path, cnn, photos, precis
     np.testing.assert_allclose(got, want, atol=2e-2)
   else:
     assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.95
-    assert np.abs(got - want).max() < 0.25 * np.abs(want).max()
+    assert np.abs(got - want).max() < 0.25
+  np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+  if precision != 'int8':
+    assert ops[-1] == 'SOFTMAX'  # the converter's own, from jax.nn.softmax
 
 
 def test_logits_are_not_degenerate(cnn, photos):
@@ -88,10 +99,13 @@ def test_batch_and_float_input(tmp_path, cnn, photos):
   module, variables = cnn
   out = tmp_path / 'b4.tflite'
   result = tflite.export_tflite(module, variables, SIZE, out, 'fp32', parity_images=photos[:6],
-                                batch=4, input_type='float32')
-  assert result.parity.passed and result.parity.num_images == 6
+                                batch=4, input_type='float32', output='logits')
+  assert result.parity.passed and result.parity.num_images == 6 and result.output == 'logits'
   clf = TFLiteClassifier(out)
-  assert (clf.batch, clf.input_dtype) == (4, np.float32)
+  assert (clf.batch, clf.input_dtype, clf.output_kind) == (4, np.float32, 'logits')
+  assert clf.interpreter.get_signature_list()['serving_default']['outputs'] == ['logits']
+  standard = read_standard_metadata(out.read_bytes())
+  assert (standard.input_mean, standard.input_std) == ((0.0,), (255.0,))  # float 0..1 input
   assert clf.labels == () and not os.path.exists(labels_path(out))
   want = np.asarray(module.apply(variables, photos[:5].astype(np.float32) / 255.0))
   np.testing.assert_allclose(clf(photos[:5]), want, atol=1e-4)  # padded last batch

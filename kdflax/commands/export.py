@@ -7,8 +7,11 @@
     kdflax export --model mobilenetv3_large_100 --num_classes 10 --out out/m.tflite \\
         --calibration data/beans_sample/train      # freshly initialised weights, for benchmarks
 
-Each `.tflite` takes `(batch, S, S, 3)` uint8 RGB 0..255 and returns float32 logits (see
-`kdflax/export/tflite.py`); class names go into the file and into `NAME.labels.txt`. Every
+Each `.tflite` takes `(batch, S, S, 3)` uint8 RGB 0..255 and returns float32 class
+probabilities (softmax in the graph; `--output logits` for logits; see
+`kdflax/export/tflite.py`); it carries standard TFLite Model Metadata (MediaPipe
+`ImageClassifier` runs it as is) with the class names packed inside, which also go into
+`NAME.labels.txt`. Every
 export is run in LiteRT (child process) and compared with JAX on the evaluation images (else
 the calibration images): fp32 within 1e-4, fp16 within 1e-2, int8 top-1 agreement >= 98%. A
 failed check is an error (exit 1, no file written) unless `--allow-mismatch`.
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from kdflax.export.model_metadata import OUTPUTS
 from kdflax.export.tflite import INPUT_TYPES, PRECISIONS
 
 
@@ -53,6 +57,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
   p.add_argument('--batch', type=int, default=1, help='static batch of the exported input')
   p.add_argument('--input_type', choices=INPUT_TYPES, default='uint8',
                  help='uint8 0..255 (default) or float32 0..1 input')
+  p.add_argument('--output', choices=OUTPUTS, default='probabilities',
+                 help='what the file outputs: class probabilities (softmax in the graph, '
+                      'default) or logits')
   p.add_argument('--allow-mismatch', '--allow_mismatch', dest='allow_mismatch',
                  action='store_true', help='write the file even if the parity check fails')
   p.add_argument('--no-report', '--no_report', dest='report', action='store_false',
@@ -182,7 +189,8 @@ def _run(args: argparse.Namespace) -> int:
     result = export_tflite(
         module, variables, size, path, precision=precision, calibration_images=calib,
         parity_images=parity_images, batch=args.batch, labels=labels,
-        input_type=args.input_type, allow_mismatch=args.allow_mismatch, model_name=name)
+        input_type=args.input_type, allow_mismatch=args.allow_mismatch, model_name=name,
+        output=args.output)
     print(f'{result.path}: {result.size_mb:.2f} MB; {result.parity.summary()}')
     exports.append(result)
   if not args.report:
@@ -192,7 +200,9 @@ def _run(args: argparse.Namespace) -> int:
       'model': name, 'source': source, 'image_size': size,
       'labels': list(labels), 'batch': args.batch,
       'input_desc': f'image ({args.batch}, {size}, {size}, 3) {args.input_type} RGB '
-                    f'{"0..255" if args.input_type == "uint8" else "0..1"} -> logits float32',
+                    f'{"0..255" if args.input_type == "uint8" else "0..1"} -> '
+                    f'{args.output} float32',
+      'output': args.output,
       'num_classes': exports[0].num_classes,
       'params': count_params(variables), 'macs': count_macs(module, variables, size),
       'jax_accuracy': None, 'eval_folder': args.eval_dir,

@@ -5,13 +5,18 @@
 
 One JSON line per image on stdout, in the order the files are found (folders are searched
 recursively, sorted); a progress bar on stderr. An image that cannot be decoded gets a line
-`{"file": ..., "error": ...}` (and a message on stderr) and is skipped. Scores are softmax
-probabilities. Exit status: 0 all images classified, 1 some failed, 2 bad usage (no such
-model or path, no images) or a bad model (an empty, foreign or truncated `.tflite`, one line
-on stderr; `kdflax.export.flatbuffer.read_tflite`).
+`{"file": ..., "error": ...}` (and a message on stderr) and is skipped. Scores are class
+probabilities: the file's output when it outputs probabilities (kdflax's default, renormalised
+to sum 1 where int8 rounding moved the sum), else the softmax of its logits. Exit status:
+0 all images classified, 1 some failed, 2 bad usage (no such model or path, no images) or a
+bad model (an empty, foreign or truncated `.tflite`, one line on stderr;
+`kdflax.export.flatbuffer.read_tflite`).
 
-Each image is brought to the model's input as the training pipeline evaluates (short side
-to S / 0.875, centre crop S x S; `kdflax.export.images.load_image`), then fed as uint8.
+Each image is brought to the model's input as the training pipeline evaluates it (the
+evaluation view, `kdflax.data.eval_view.eval_view`: the centre box sampled as MediaPipe samples a
+region of interest; `kdflax.export.images.load_image`), then fed as uint8. Labels: kdflax's
+metadata, else the standard TFLite metadata's label file (any image classifier prepared for
+MediaPipe), else `FILE.labels.txt`, else the class index.
 """
 
 from __future__ import annotations
@@ -46,15 +51,36 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
+def _looks_like_probabilities(scores: np.ndarray) -> bool:
+  """Rows in [0, 1] summing to 1 (within int8 output rounding): a file of unstated output."""
+  if not len(scores):
+    return False
+  sums = scores.sum(-1)
+  return bool(scores.min() >= 0 and scores.max() <= 1 and np.all(np.abs(sums - 1) < 0.05))
+
+
+def probabilities(scores: np.ndarray, kind: str | None) -> np.ndarray:
+  """`(N, K)` model outputs of `kind` ('probabilities', 'logits', None: unknown) -> rows
+  that sum to 1 (probabilities renormalised, logits through a softmax)."""
+  scores = np.asarray(scores, np.float64)
+  if kind == 'probabilities' or (kind is None and _looks_like_probabilities(scores)):
+    p = np.clip(scores, 0, None)
+    sums = p.sum(-1, keepdims=True)
+    return np.where(sums > 0, p / np.where(sums > 0, sums, 1), 1.0 / scores.shape[-1])
+  return _softmax(scores)
+
+
 class _Classifier:
-  """`(N, S, S, 3)` uint8 -> `(N, K)` logits, from a `.tflite` or a model directory."""
+  """`(N, S, S, 3)` uint8 -> `(N, K)` outputs of `kind`, from a `.tflite` or a model dir."""
 
   def __init__(self, model: str, threads: int):
     if os.path.isfile(model):
       clf = _tflite_classifier(model, threads)
       self.image_size, self.labels, self.run = clf.image_size, clf.labels, clf
+      self.kind = clf.output_kind
     elif os.path.isdir(model):
       self.image_size, self.labels, self.run = _jax_classifier(model)
+      self.kind = 'logits'
     else:
       raise FileNotFoundError(f'--model {model}: no such file or directory')
 
@@ -146,7 +172,8 @@ def main(argv: list[str]) -> int:
       chunk = files[start:start + CHUNK]
       loaded = list(pool.map(load, chunk))
       good = [i for i, x in enumerate(loaded) if not isinstance(x, ImageError)]
-      probs = _softmax(clf.run(np.stack([loaded[i] for i in good]))) if good else None
+      probs = probabilities(clf.run(np.stack([loaded[i] for i in good])), clf.kind) \
+          if good else None
       row = {i: r for r, i in enumerate(good)}
       lines = []
       for i, path in enumerate(chunk):

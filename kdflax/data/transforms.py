@@ -7,29 +7,39 @@ seed always gives the same pixels.
 - `train_views`: ONE random-resized crop (+ horizontal flip, + optional RandAugment) of the
   image, resized to each requested size: the teacher's and the student's images show the same
   crop at their own resolutions.
-- `eval_views`: per size, resize the short side to `floor(size / crop_fraction)` and take the
-  centre `size x size`.
+- `eval_views`: per size, the evaluation view `kdflax.data.eval_view.eval_view` (the centre square
+  box of "short side to `floor(size / crop_fraction)`, centre `size x size`", sampled as
+  MediaPipe samples a region of interest): the one definition that export, `kdflax predict`
+  and apps use too, so all of them feed a model the same pixels.
 - `mix_batch`: mixup / CutMix within pairs of rows of a batch, the same for every view, with
   soft labels.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 
 from kdflax.data import randaugment
+from kdflax.data.eval_view import eval_view
 from kdflax.data.plan import CUTMIX, MIXUP
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
   """Encoded JPEG / PNG (also GIF, BMP) bytes -> `(H, W, 3)` uint8.
 
+  JPEGs are decoded with libjpeg's accurate integer DCT (`INTEGER_ACCURATE`, libjpeg's own
+  default), not TensorFlow's default fast DCT (up to 8 levels off): the pixels PIL (export,
+  `kdflax predict`) and phone decoders produce, so every evaluation sees the same view.
+
   Raises (inside tf.data: an error the pipeline catches) on corrupt or truncated data.
   """
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+  image = tf.cond(
+      tf.io.is_jpeg(encoded),
+      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method='INTEGER_ACCURATE'),
+      lambda: tf.ensure_shape(tf.io.decode_image(encoded, channels=3, expand_animations=False,
+                                                 dtype=tf.uint8), [None, None, 3]))
   image.set_shape([None, None, 3])
   return image
 
@@ -91,26 +101,24 @@ def train_views(image: tf.Tensor, seed: tf.Tensor, sizes: Mapping[str, int],
 
 def eval_views(image: tf.Tensor, sizes: Mapping[str, int],
                crop_fraction: float = 0.875) -> dict[str, tf.Tensor]:
-  """Per size: resize the short side to `floor(size / crop_fraction)`, centre-crop `size`.
+  """Per size: `kdflax.data.eval_view.eval_view` (centre box, MediaPipe-style bilinear), / 255.
+
+  Runs the NumPy definition through `tf.numpy_function`, so the training pipeline's eval and
+  an exported model's users see identical uint8 pixels.
 
   Args:
     image: `(H, W, 3)` uint8.
     sizes: output key -> square size.
 
   Returns:
-    key -> `(size, size, 3)` float32 in [0, 1].
+    key -> `(size, size, 3)` float32 in [0, 1] (multiples of 1/255).
   """
-  shape = tf.shape(image)
-  h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
   out = {}
   for key, s in sizes.items():
-    short = max(s, math.floor(s / crop_fraction))
-    scale = short / tf.minimum(h, w)
-    new_h = tf.maximum(short, tf.cast(tf.round(h * scale), tf.int32))
-    new_w = tf.maximum(short, tf.cast(tf.round(w * scale), tf.int32))
-    resized = resize(image, new_h, new_w)
-    top, left = (new_h - s) // 2, (new_w - s) // 2
-    out[key] = to_unit(tf.slice(resized, tf.stack([top, left, 0]), [s, s, 3]))
+    view = tf.numpy_function(lambda x, s=s: eval_view(x, s, crop_fraction),
+                             [tf.cast(image, tf.uint8)], tf.uint8, stateful=False)
+    view.set_shape([s, s, 3])
+    out[key] = tf.cast(view, tf.float32) / 255.0
   return out
 
 

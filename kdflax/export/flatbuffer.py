@@ -8,18 +8,24 @@ be checked in the parent process, and only execution goes to a subprocess.
     model_bytes = add_metadata(model_bytes, 'kdflax', json_bytes)
     read_metadata(model_bytes, 'kdflax')       # -> json_bytes
     model_bytes = dequantize_uint8_inputs(model_bytes)   # CAST -> DEQUANTIZE at the input
+    model_bytes = append_softmax(model_bytes)            # float SOFTMAX on the float output
 
 Files from elsewhere are checked before use: `read_tflite(path)` (or `validate_tflite(bytes,
 path)`) raises `ModelFileError`, a `ValueError` with a one-line message naming the file, for an
 empty or foreign file (no `TFL3` identifier) and for a truncated one (an offset of the model's
-tables, vectors or buffers points past the end of the file).
+tables, vectors or buffers points past the end of the file, or, in a file with standard
+metadata, the zip of packed files after the flatbuffer is incomplete). A file cut exactly at
+the flatbuffer's end is a complete model that lost its packed files, as when a tool rewrites
+the flatbuffer: it passes, and its labels come from elsewhere.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import os
 import struct
+import zipfile
 from collections import Counter
 
 import numpy as np
@@ -57,6 +63,7 @@ class _Reader:
 
   def __init__(self, data: bytes | bytearray, path: str):
     self.data, self.path, self.size = data, path, len(data)
+    self.end = 0  # the furthest byte any check reached
 
   def need(self, pos: int, length: int, what: str) -> None:
     """Raises ModelFileError unless bytes `[pos, pos + length)` lie inside the file."""
@@ -65,6 +72,7 @@ class _Reader:
     if pos + length > self.size:
       raise ModelFileError(f'{self.path} is truncated: {what} needs bytes {pos}..{pos + length} '
                            f'but the file has {self.size}')
+    self.end = max(self.end, pos + length)
 
   def scalar(self, fmt: str, pos: int, what: str) -> int:
     self.need(pos, struct.calcsize(fmt), what)
@@ -173,12 +181,33 @@ def validate_tflite(model: bytes | bytearray, path: str = 'the model') -> None:
       reader.need(offset, size, f'buffers[{i}]')
     else:
       reader.vector(buffer, _BUFFER_DATA, 1, f'the data of buffers[{i}]')
+  names = []
   for i, entry in enumerate(found['metadata']):
-    reader.vector(entry, _METADATA_NAME, 1, f'the name of metadata[{i}]')
+    start, length = reader.vector(entry, _METADATA_NAME, 1, f'the name of metadata[{i}]')
+    names.append(bytes(model[start:start + length]))
     index = reader.field_scalar(entry, _METADATA_BUFFER, '<I', f'metadata[{i}].buffer')
     if index >= len(found['buffers']):
       raise ModelFileError(f'{path} is corrupt: metadata[{i}] names buffer {index} of '
                            f'{len(found["buffers"])}')
+  if STANDARD_METADATA.encode() in names and reader.size > reader.end:
+    _check_packed_files(model, reader.end, path)
+
+
+# Name of the standard TFLite Model Metadata entry. Its writers append the associated files
+# (e.g. the labels) to the flatbuffer as a zip archive.
+STANDARD_METADATA = 'TFLITE_METADATA'
+
+
+def _check_packed_files(model: bytes | bytearray, start: int, path: str) -> None:
+  """The bytes from `start` on (after the flatbuffer) must be a complete zip archive."""
+  try:
+    with zipfile.ZipFile(io.BytesIO(bytes(model))) as archive:
+      bad = archive.testzip()
+  except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    raise ModelFileError(f'{path} is truncated: the files packed after the model (a zip from '
+                         f'byte {start} of {len(model)}) are incomplete ({e})') from None
+  if bad is not None:
+    raise ModelFileError(f'{path} is corrupt: the packed file {bad!r} fails its checksum')
 
 
 def read_tflite(path: str | os.PathLike) -> bytes:
@@ -329,6 +358,53 @@ def dequantize_uint8_inputs(model: bytes | bytearray) -> bytes:
       changed = True
   if not changed:
     return bytes(model)
+  return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
+
+
+def append_softmax(model: bytes | bytearray) -> bytes:
+  """A copy of `model` whose single float32 `(B, K)` output goes through a float SOFTMAX.
+
+  For full-int8 classifiers: the converter would quantize a softmax in the graph (int8
+  SOFTMAX, output steps of 1/256, so close classes tie, and XNNPACK does not take it: a
+  second delegate partition). Appended after the final DEQUANTIZE it runs in float, on
+  XNNPACK, in the same partition. The signature's output keeps its name and now names the
+  new tensor.
+
+  Raises:
+    ValueError: the model does not have exactly one float32 output.
+  """
+  obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
+  graph = obj.subgraphs[0]
+  if len(graph.outputs) != 1:
+    raise ValueError(f'append_softmax: expected one output, found {len(graph.outputs)}')
+  src = int(graph.outputs[0])
+  logits = graph.tensors[src]
+  if logits.type != schema.TensorType.FLOAT32:
+    raise ValueError('append_softmax: the output is not float32')
+  buffer = schema.BufferT()
+  obj.buffers.append(buffer)
+  out = schema.TensorT()
+  out.shape = np.array(logits.shape, np.int32)
+  if logits.shapeSignature is not None:
+    out.shapeSignature = np.array(logits.shapeSignature, np.int32)
+  out.type = schema.TensorType.FLOAT32
+  out.buffer = len(obj.buffers) - 1
+  out.name = 'softmax_output'
+  graph.tensors.append(out)
+  dst = len(graph.tensors) - 1
+  op = schema.OperatorT()
+  op.opcodeIndex = _opcode_index(obj.operatorCodes, schema.BuiltinOperator.SOFTMAX)
+  op.inputs = np.array([src], np.int32)
+  op.outputs = np.array([dst], np.int32)
+  op.builtinOptionsType = schema.BuiltinOptions.SoftmaxOptions
+  op.builtinOptions = schema.SoftmaxOptionsT()
+  op.builtinOptions.beta = 1.0
+  graph.operators.append(op)
+  graph.outputs = np.array([dst], np.int32)
+  for signature in obj.signatureDefs or []:
+    for entry in signature.outputs or []:
+      if entry.tensorIndex == src:
+        entry.tensorIndex = dst
   return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
 
 

@@ -1,22 +1,24 @@
 """Image files -> the uint8 arrays an exported model takes (calibration, parity, predict).
 
-An exported model takes `(B, S, S, 3)` uint8 RGB in 0..255: the photo brought to the model's
-square resolution as the training pipeline evaluates it (short side to S / 0.875, centre
-crop), which an app does with one `Bitmap` scale + crop. `load_image` produces that array;
-JAX references are computed from the same array.
+An exported model takes `(B, S, S, 3)` uint8 RGB in 0..255: the photo's evaluation view
+(`kdflax.data.eval_view.eval_view`: the centre square box, sampled bilinearly to S x S as
+MediaPipe's `ImageClassifier` does with that box as its region of interest), the same array
+the training pipeline evaluates on. `load_image` decodes a file (PIL) and produces that
+array; JAX references are computed from the same array.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# Evaluation crop of the training pipeline (config.data.eval_crop_fraction).
-CROP_FRACTION = 0.875
+from kdflax.data.eval_view import CROP_FRACTION, eval_view
+
+__all__ = ['CROP_FRACTION', 'ImageError', 'batches', 'decode_image', 'find_images',
+           'labelled_folder', 'load_image', 'load_images', 'sample_images']
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
@@ -44,14 +46,8 @@ def find_images(paths: Sequence[str | os.PathLike]) -> list[str]:
   return found
 
 
-def load_image(path: str | os.PathLike, size: int, crop_fraction: float = CROP_FRACTION
-               ) -> np.ndarray:
-  """Decodes `path` fully and returns the `(size, size, 3)` uint8 RGB view the model sees.
-
-  Same geometry as the training pipeline's evaluation view (`kdflax.data.transforms.
-  eval_views`): the short side is resized (antialiased bilinear) to
-  `max(size, floor(size / crop_fraction))`, then the centre `size x size` is cropped.
-  `crop_fraction=1` resizes the short side to `size` and crops the centre square.
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+  """Decodes `path` fully (PIL) -> `(H, W, 3)` uint8 RGB (alpha dropped, grey expanded).
 
   Raises:
     ImageError: unreadable, truncated or corrupt file (one line naming the file).
@@ -62,14 +58,21 @@ def load_image(path: str | os.PathLike, size: int, crop_fraction: float = CROP_F
       rgb = img.convert('RGB')
   except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
     raise ImageError(f'{os.fspath(path)}: cannot decode image ({e})') from None
-  w, h = rgb.size
-  short = max(size, math.floor(size / crop_fraction))
-  scale = short / min(h, w)
-  new_w, new_h = max(short, round(w * scale)), max(short, round(h * scale))
-  if (new_w, new_h) != (w, h):
-    rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
-  left, top = (new_w - size) // 2, (new_h - size) // 2
-  return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+  return np.asarray(rgb, dtype=np.uint8)
+
+
+def load_image(path: str | os.PathLike, size: int, crop_fraction: float = CROP_FRACTION
+               ) -> np.ndarray:
+  """Decodes `path` and returns the `(size, size, 3)` uint8 RGB view the model sees.
+
+  `kdflax.data.eval_view.eval_view` of the decoded photo: the same pixels as the training
+  pipeline's evaluation view (`kdflax.data.transforms.eval_views`) and as MediaPipe's
+  `ImageClassifier` given the region of interest `kdflax.data.eval_view.eval_roi`.
+
+  Raises:
+    ImageError: unreadable, truncated or corrupt file (one line naming the file).
+  """
+  return eval_view(decode_image(path), size, crop_fraction)
 
 
 def load_images(paths: Sequence[str | os.PathLike], size: int) -> np.ndarray:

@@ -6,18 +6,24 @@
 
 The exported model (every precision):
   - signature `serving_default`: input `image` `(batch, S, S, 3)` uint8 RGB 0..255 (NHWC, the
-    photo resized to S x S), output `logits` `(batch, K)` float32. Scaling to [0, 1] and the
-    model's own mean/std normalisation are inside the graph, so an app feeds raw pixels
-    (short side scaled to S / 0.875, centre S x S crop, as `images.load_image` does). The
+    photo's evaluation view), output `probabilities` `(batch, K)` float32 (softmax inside the
+    graph; `output='logits'` exports the logits instead, output `logits`). Scaling to [0, 1]
+    and the model's own mean/std normalisation are inside the graph, so an app feeds raw
+    pixels (the centre box `view.eval_roi`, sampled as MediaPipe samples a region of
+    interest; `images.load_image` / `view.eval_view` produce the same array). The
     uint8 input carries the identity quantization (scale 1, zero point 0) and enters the graph
     through DEQUANTIZE, which XNNPACK vectorises (a CAST there runs on LiteRT's scalar kernel;
     `flatbuffer.dequantize_uint8_inputs`). (`input_type='float32'` gives a float 0..1 input.)
   - builtin TFLite ops only (no Flex / SELECT_TF_OPS, no custom ops): checked, else an error.
   - fp16: float16 weights, float compute. int8: full-integer quantization (per-channel
     weights, int8 activations) calibrated on the given REAL images; the uint8 input and
-    float32 logits are converted at the graph's two ends.
-  - a metadata entry `kdflax` (JSON: labels, input format, precision, model name) inside the
-    file, and `NAME.labels.txt` beside it (one class per line) when labels are given.
+    float32 output are converted at the graph's two ends.
+  - standard TFLite Model Metadata (`model_metadata.py`, written with MediaPipe's writer):
+    name / description / version, the input as an RGB image, the output as a classification
+    tensor with the labels as a TENSOR_AXIS_LABELS file packed inside the `.tflite`, so
+    MediaPipe Tasks `ImageClassifier` runs it as is; also kdflax's own entry `kdflax` (JSON:
+    labels, input format, output kind, precision, model name), and `NAME.labels.txt` beside
+    the file (one class per line) when labels are given.
 
 Conversion: the serving function is lowered with `jax2tf` (native StableHLO serialization,
 static shapes) inside a `tf.function` with a named input signature, then
@@ -48,11 +54,11 @@ from kdflax.export import flatbuffer, lowering
 from kdflax.export.interpreter import (
   INPUT_NAME,
   METADATA_NAME,
-  OUTPUT_NAME,
   SIGNATURE_KEY,
   labels_path,
 )
 from kdflax.export.isolated import InterpreterCrash, run_isolated
+from kdflax.export.model_metadata import OUTPUTS, write_standard_metadata
 from kdflax.export.parity import ParityResult, compare_logits
 from kdflax.models.depthwise import reference_form
 
@@ -84,17 +90,23 @@ class ExportResult:
   ops: Mapping[str, int]          # op name -> count in the main subgraph
   parity: ParityResult
   labels_path: str | None
+  output: str = 'probabilities'   # what the file outputs: 'probabilities' or 'logits'
 
 
 def serving_function(module: nn.Module, variables: Mapping[str, Any],
-                     input_type: str = 'uint8') -> Callable[[jax.Array], jax.Array]:
-  """The function that gets exported: raw image batch -> logits.
+                     input_type: str = 'uint8', output: str = 'logits'
+                     ) -> Callable[[jax.Array], jax.Array]:
+  """The function that gets exported: raw image batch -> logits or probabilities.
 
   `input_type='uint8'`: `(B, S, S, 3)` uint8 0..255; `'float32'`: float 0..1. Returns
-  `(B, K)` float32 logits of `module` in eval mode with `variables` baked in as constants.
+  `(B, K)` float32 of `module` in eval mode with `variables` baked in as constants: the
+  logits (`output='logits'`, the default here) or their softmax (`'probabilities'`, what
+  `export_tflite` exports by default).
   """
   if input_type not in INPUT_TYPES:
     raise ValueError(f'input_type must be one of {INPUT_TYPES}, got {input_type!r}')
+  if output not in OUTPUTS:
+    raise ValueError(f'output must be one of {OUTPUTS}, got {output!r}')
   variables = jax.tree.map(jnp.asarray, dict(variables))
   module = reference_form(module)  # grouped convolutions -> TFLite DEPTHWISE_CONV_2D
 
@@ -102,7 +114,8 @@ def serving_function(module: nn.Module, variables: Mapping[str, Any],
     x = image.astype(jnp.float32)
     if input_type == 'uint8':
       x = x * (1.0 / 255.0)
-    return module.apply(variables, x, train=False).astype(jnp.float32)
+    logits = module.apply(variables, x, train=False).astype(jnp.float32)
+    return jax.nn.softmax(logits, axis=-1) if output == 'probabilities' else logits
 
   return fn
 
@@ -137,16 +150,18 @@ def _batched(images: np.ndarray, batch: int) -> Iterator[np.ndarray]:
 
 
 def convert(fn: Callable, image_size: int, precision: str = 'fp32', batch: int = 1,
-            input_type: str = 'uint8', calibration_images: np.ndarray | None = None) -> bytes:
+            input_type: str = 'uint8', calibration_images: np.ndarray | None = None,
+            output_name: str = 'logits') -> bytes:
   """Converts a serving function to `.tflite` bytes (builtin ops only); no checks run.
 
   Args:
-    fn: `(batch, S, S, 3)` input -> `(batch, K)` logits, e.g. from `serving_function`.
+    fn: `(batch, S, S, 3)` input -> `(batch, K)` float32, e.g. from `serving_function`.
     image_size: S.
     precision: 'fp32', 'fp16' or 'int8'.
     batch: static batch size of the exported input.
     input_type: dtype of the input (see `serving_function`).
     calibration_images: `(N, S, S, 3)` uint8 real images; required for int8.
+    output_name: the signature's output name ('logits' or 'probabilities').
 
   Raises:
     ExportError: the converter failed, or the graph needs non-builtin (Flex/custom) ops.
@@ -163,7 +178,7 @@ def convert(fn: Callable, image_size: int, precision: str = 'fp32', batch: int =
 
   @tf.function(input_signature=[spec], autograph=False)
   def serve(image):
-    return {OUTPUT_NAME: converted(image)}
+    return {output_name: converted(image)}
 
   holder.serve = serve
   try:
@@ -277,7 +292,8 @@ def _remove(path: str) -> None:
 
 def jax_logits(fn: Callable, images: np.ndarray, batch: int = 1,
                input_type: str = 'uint8') -> np.ndarray:
-  """`(N, S, S, 3)` uint8 -> `(N, K)` logits of the serving function, in `batch`-sized calls."""
+  """`(N, S, S, 3)` uint8 -> `(N, K)` outputs of the serving function (logits or
+  probabilities, whichever it returns), in `batch`-sized calls."""
   x = _input_array(images, input_type)
   jitted = jax.jit(fn)
   out = [np.asarray(jitted(chunk)) for chunk in _batched(x, batch)]
@@ -290,11 +306,14 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
                   parity_images: np.ndarray | None = None, batch: int = 1,
                   labels: Sequence[str] = (), input_type: str = 'uint8',
                   allow_mismatch: bool = False, model_name: str = '',
-                  on_mismatch: Callable[[ParityResult], None] | None = None) -> ExportResult:
+                  on_mismatch: Callable[[ParityResult], None] | None = None,
+                  output: str = 'probabilities', version: str = '',
+                  description: str = '') -> ExportResult:
   """Converts `module` to a `.tflite` at `out_path`, checks it against JAX, writes it atomically.
 
   Args:
     module, variables: a classifier taking `(B, S, S, 3)` float [0, 1] and returning logits.
+      The file outputs their softmax (`output='probabilities'`, default) or the logits.
     image_size: S, the static input resolution.
     out_path: destination `.tflite`; only ever replaced by a complete, checked file.
     precision: 'fp32', 'fp16' or 'int8'.
@@ -308,6 +327,10 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
     allow_mismatch: write the file even when parity fails (the result says it failed).
     model_name: recorded in the file's metadata.
     on_mismatch: called with the failed parity result when `allow_mismatch` lets it pass.
+    output: 'probabilities' (softmax in the graph, default) or 'logits'. Parity compares
+      JAX and the file on this output.
+    version, description: the standard metadata's model version and description (defaults:
+      the precision and the model name, and a generated sentence).
 
   Raises:
     ExportError: conversion failed, a non-builtin or int8-incapable op, the interpreter
@@ -318,7 +341,7 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
     raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
   if batch < 1:
     raise ValueError(f'batch must be >= 1, got {batch}')
-  fn = serving_function(module, variables, input_type)
+  fn = serving_function(module, variables, input_type, output)
   example = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
                                  jnp.uint8 if input_type == 'uint8' else jnp.float32)
   try:
@@ -349,9 +372,17 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
                        f'got {np.asarray(arr).shape}')
 
   # Same function, re-expressed with ops LiteRT runs fast at this precision (lowering.py);
-  # the JAX reference below still uses `fn` itself.
-  export_fn = lowering.for_precision(fn, precision)
-  model = convert(export_fn, image_size, precision, batch, input_type, calibration_images)
+  # the JAX reference below still uses `fn` itself. At int8 the softmax is not converted
+  # (it would be an int8 SOFTMAX: 1/256 steps, off XNNPACK) but appended in float after
+  # the output's DEQUANTIZE (`flatbuffer.append_softmax`).
+  float_softmax = precision == 'int8' and output == 'probabilities'
+  converted_fn = serving_function(module, variables, input_type, 'logits') if float_softmax \
+      else fn
+  export_fn = lowering.for_precision(converted_fn, precision)
+  model = convert(export_fn, image_size, precision, batch, input_type, calibration_images,
+                  output_name=output)
+  if float_softmax:
+    model = flatbuffer.append_softmax(model)
   if input_type == 'uint8':
     model = flatbuffer.dequantize_uint8_inputs(model)  # vectorised uint8 -> float in XNNPACK
   meta = {
@@ -360,13 +391,28 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
       'input': {'name': INPUT_NAME, 'shape': [batch, image_size, image_size, 3],
                 'dtype': input_type, 'range': [0, 255] if input_type == 'uint8' else [0, 1],
                 'layout': 'NHWC', 'channels': 'RGB',
-                'resize': 'short side to floor(S / 0.875), centre crop S x S, bilinear'},
-      'output': {'name': OUTPUT_NAME, 'shape': [batch, num_classes], 'dtype': 'float32'},
+                'resize': 'centre square of side short * S / max(S, floor(S / 0.875)), '
+                          'bilinear to S x S as MediaPipe samples a region of interest'},
+      'output': {'name': output, 'shape': [batch, num_classes], 'dtype': 'float32',
+                 'kind': output},
       'num_classes': num_classes, 'labels': list(labels),
   }
   if input_type == 'float32':
     meta['input_scale'] = 1.0 / 255.0
   model = flatbuffer.add_metadata(model, METADATA_NAME, json.dumps(meta).encode())
+  # Last: the standard metadata's packed label file is a zip appended to the flatbuffer,
+  # which re-serialising the model (add_metadata) would drop.
+  try:
+    model = write_standard_metadata(
+        model, name=model_name or 'kdflax classifier',
+        description=description or (
+            f'{model_name or "kdflax"} image classifier ({num_classes} classes, {precision}, '
+            f'{image_size} px); input: the photo\'s centre box (kdflax eval view) as RGB '
+            f'{input_type}; output: class {output}.'),
+        version=version or f'{precision}', labels=labels, input_type=input_type,
+        output=output)
+  except RuntimeError as e:
+    raise ExportError(str(e)) from None
 
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(out_path) + '.', suffix='.tmp',
@@ -400,4 +446,4 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
   return ExportResult(path=out_path, precision=precision, num_classes=num_classes,
                       size_mb=len(model) / 1e6,
                       ops=flatbuffer.op_histogram(model), parity=parity,
-                      labels_path=sidecar if labels else None)
+                      labels_path=sidecar if labels else None, output=output)

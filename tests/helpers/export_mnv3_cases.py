@@ -55,8 +55,8 @@ def test_fp32_export_passes_parity(tmp_path, student, photos):
 
 
 def test_fp16_export_passes_parity(tmp_path, student, photos):
-  """fp16 weights: logits within the 1e-2 gate (relative to the logit scale), and no error
-  beyond what rounding the JAX weights to float16 causes."""
+  """fp16 weights: probabilities within the 1e-2 gate, and no error beyond what rounding the
+  JAX weights to float16 causes."""
   name, module, variables = student
   out = tmp_path / f'{name}_fp16.tflite'
   result = tflite.export_tflite(module, variables, SIZE, out, 'fp16',
@@ -64,10 +64,10 @@ def test_fp16_export_passes_parity(tmp_path, student, photos):
                                 labels=LABELS)
   assert result.parity.passed and result.parity.top1_agreement == 1.0, result.parity.summary()
   assert flatbuffer.tensor_types(out.read_bytes()).get('FLOAT16', 0) > 50
-  want = tflite.jax_logits(tflite.serving_function(module, variables), photos['val'])
+  probs = lambda v: tflite.serving_function(module, v, output='probabilities')
+  want = tflite.jax_logits(probs(variables), photos['val'])
   half = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), variables)
-  rounding = np.abs(tflite.jax_logits(tflite.serving_function(module, half), photos['val'])
-                    - want).max()
+  rounding = np.abs(tflite.jax_logits(probs(half), photos['val']) - want).max()
   got = TFLiteClassifier(out)(photos['val'])
   assert np.abs(got - want).max() == pytest.approx(result.parity.max_abs_diff, rel=1e-5)
   assert 0 < result.parity.max_abs_diff < 1.5 * rounding + 1e-4, (result.parity, rounding)
@@ -85,14 +85,16 @@ def test_int8_export_is_fully_quantized_and_passes_parity(tmp_path, student, pho
   content = out.read_bytes()
   ops = flatbuffer.op_names(content)
   assert 'HARD_SWISH' not in ops and flatbuffer.non_builtin_ops(content) == []
-  # uint8 pixels -> float (exact, identity quantization) -> int8; int8 logits -> float.
-  assert ops[:2] == ['DEQUANTIZE', 'QUANTIZE'] and ops[-1] == 'DEQUANTIZE'
+  # uint8 pixels -> float (exact, identity quantization) -> int8; int8 logits -> float ->
+  # float SOFTMAX (probabilities).
+  assert ops[:2] == ['DEQUANTIZE', 'QUANTIZE'] and ops[-2:] == ['DEQUANTIZE', 'SOFTMAX']
   assert ops.count('QUANTIZE') == 1 and ops.count('DEQUANTIZE') == 2 and 'CAST' not in ops
   types = flatbuffer.tensor_types(content)
   assert types['INT8'] > 5 * types.get('FLOAT32', 0)
   clf = TFLiteClassifier(out)
   assert clf.delegate_partitions == 1
-  want = tflite.jax_logits(tflite.serving_function(module, variables), photos['calib'])
+  want = tflite.jax_logits(tflite.serving_function(module, variables, output='probabilities'),
+                           photos['calib'])
   got = isolated.run_isolated(out, photos['calib'])
   np.testing.assert_allclose(got, clf(photos['calib']), atol=1e-6)  # child == in-process
   assert result.parity.top1_agreement == np.mean(got.argmax(-1) == want.argmax(-1))
