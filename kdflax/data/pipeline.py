@@ -43,7 +43,7 @@ import tensorflow as tf
 
 from kdflax.data import transforms
 from kdflax.data.config import check_data_config
-from kdflax.data.plan import MixOptions, TrainPlan, eval_indices
+from kdflax.data.plan import MixOptions, TrainPlan, eval_indices, view_seeds
 from kdflax.data.records import Records
 from kdflax.data.sources import FolderSource, TfdsSource
 
@@ -177,10 +177,13 @@ def train_dataset(table: ImageTable, plan: TrainPlan, start_step: int, views,
 
   Elements are dicts of tensors with leading dimension `plan.local_batch`, plus `_skipped`
   `(b,)` int32: how many candidates of each row failed before one decoded (`1 + retries` when
-  all failed).
+  all failed). With cached views (`plan.views` > 0) each candidate is augmented with its own
+  view's seed and elements also carry `index` `(b,)` int64 (the record shown) and `view`
+  `(b,)` int32 (which of its views), for the teacher-cache lookup.
   """
   first = plan.step(start_step)
   signature = {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in first.items()}
+  cached = 'candidate_views' in first
 
   def steps():
     step = start_step
@@ -188,21 +191,31 @@ def train_dataset(table: ImageTable, plan: TrainPlan, start_step: int, views,
       yield plan.step(step)
       step += 1
 
-  extra = [k for k in first if k not in ('candidates', 'seed')]
+  per_candidate = ('candidates', 'seed', 'candidate_views', 'candidate_seeds')
+  extra = [k for k in first if k not in per_candidate]
   num_candidates = first['candidates'].shape[1]
 
   def row(r):
-    def attempt(j, index):
-      out = views(table.image(index), r['seed'])
+    def attempt(j, index, seed, view):
+      out = views(table.image(index), seed)
       out.update(label=table.label(index), _skipped=j)
+      if cached:
+        out.update(index=index, view=view)
       return out
 
+    if cached:
+      seeds, candidate_views = r['candidate_seeds'], r['candidate_views']
+    else:  # every candidate of a slot takes the slot's seed
+      seeds = tf.repeat(r['seed'][None], num_candidates, axis=0)
+      candidate_views = tf.zeros([num_candidates], tf.int32)
     tries = tf.data.Dataset.from_tensor_slices(
-        (tf.range(num_candidates, dtype=tf.int32), r['candidates']))
+        (tf.range(num_candidates, dtype=tf.int32), r['candidates'], seeds, candidate_views))
     good = tries.map(attempt).ignore_errors()
-    fallback = tf.data.Dataset.from_tensors(
-        {**_zeros(sizes), 'label': tf.constant(0, tf.int32),
-         '_skipped': tf.constant(num_candidates, tf.int32)})
+    failed = {**_zeros(sizes), 'label': tf.constant(0, tf.int32),
+              '_skipped': tf.constant(num_candidates, tf.int32)}
+    if cached:
+      failed.update(index=tf.constant(-1, tf.int64), view=tf.constant(0, tf.int32))
+    fallback = tf.data.Dataset.from_tensors(failed)
     both = good.concatenate(fallback).take(1)
     return both.map(lambda e: {**e, **{k: r[k] for k in extra}})
 
@@ -217,6 +230,43 @@ def train_dataset(table: ImageTable, plan: TrainPlan, start_step: int, views,
       return {k: v for k, v in mixed.items() if k not in extra}
     ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.prefetch(prefetch or tf.data.AUTOTUNE)
+  return ds.with_options(_options(threads))
+
+
+def fixed_views_dataset(table: ImageTable, indices: np.ndarray, view_ids: np.ndarray,
+                        seeds: np.ndarray, views, sizes: Mapping[str, int], threads: int = 0,
+                        prefetch: int = 2) -> tf.data.Dataset:
+  """Finite dataset of given augmented views of given records (building a teacher cache).
+
+  Args:
+    table: the split.
+    indices: `(steps, b)` int64 rows, -1 for padding.
+    view_ids: `(steps, b)` int32 view numbers (passed through).
+    seeds: `(steps, b, 2)` int64 augmentation seeds (`plan.view_seeds`).
+    views: `fn(image uint8, seed) -> {key: (S, S, 3) float32}`: the train transform.
+    sizes: the keys and sizes S of the views.
+
+  Elements: the views, `index` `(b,)` int64, `view` `(b,)` int32 and `mask` `(b,)` float32
+  (0: padding or an image that cannot be read, whose views are zeros).
+  """
+  def row(index, view, seed):
+    def load(i):
+      out = views(table.image(i), seed)
+      out.update(index=i, view=view, mask=tf.constant(1.0))
+      return out
+
+    good = tf.data.Dataset.from_tensors(index).filter(lambda i: i >= 0).map(load)
+    pad = tf.data.Dataset.from_tensors(
+        {**_zeros(sizes), 'index': index, 'view': view, 'mask': tf.constant(0.0)})
+    return good.ignore_errors().concatenate(pad).take(1)
+
+  steps, b = indices.shape
+  ds = tf.data.Dataset.from_tensor_slices((indices.reshape(-1), view_ids.reshape(-1),
+                                           seeds.reshape(-1, 2)))
+  ds = ds.interleave(row, cycle_length=_cycle_length(threads),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(b, drop_remainder=True).prefetch(prefetch or tf.data.AUTOTUNE)
+  ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
   return ds.with_options(_options(threads))
 
 
@@ -370,10 +420,12 @@ class Datasets:
     eval_steps: `ceil(num_eval / eval_batch_size)`.
     sizes: batch key -> square resolution (`'image'`, and `'teacher_image'` when it differs).
     soft_labels: whether train batches carry `soft_label` (mixup / CutMix on).
+    cache_views: K > 0: train batches show one of K fixed views per image and carry `index`
+      and `view` (training from a teacher cache, `kdflax.train.teacher_cache`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, source, sizes: Mapping[str, int],
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, cache_views: int = 0):
     self.config = config
     self.source = source
     self.sizes = dict(sizes)
@@ -389,8 +441,9 @@ class Datasets:
     mix = MixOptions(config.mixup_alpha, config.cutmix_alpha, config.mix_prob,
                      config.mix_switch_prob)
     retries = config.corrupt_retries if config.on_corrupt == 'skip' else 0
+    self.cache_views = int(cache_views)
     self.plan = TrainPlan(self.num_train, self.batch_size, config.seed, process_index,
-                          process_count, retries=retries, mix=mix)
+                          process_count, retries=retries, mix=mix, views=self.cache_views)
     self.local_batch_size = self.plan.local_batch
     self.steps_per_epoch = self.plan.steps_per_epoch
     self.soft_labels = self.plan.mix is not None
@@ -409,12 +462,18 @@ class Datasets:
       self._tables[which] = ImageTable(records, cache=self.config.cache)
     return self._tables[which]
 
-  def _train_views(self):
+  @property
+  def train_records(self) -> Records:
+    """The train split's table (row i is record index i of the schedules)."""
+    return self._train_records
+
+  def _train_views(self, sizes: Mapping[str, int] | None = None):
     c = self.config
+    sizes = self.sizes if sizes is None else dict(sizes)
     if not c.augment:
-      return lambda image, seed: transforms.eval_views(image, self.sizes, c.eval_crop_fraction)
+      return lambda image, seed: transforms.eval_views(image, sizes, c.eval_crop_fraction)
     return lambda image, seed: transforms.train_views(
-        image, seed, self.sizes, scale=tuple(c.crop_scale), ratio=tuple(c.crop_ratio),
+        image, seed, sizes, scale=tuple(c.crop_scale), ratio=tuple(c.crop_ratio),
         flip=c.flip, randaugment_ops=c.randaugment_ops,
         randaugment_magnitude=c.randaugment_magnitude)
 
@@ -428,6 +487,30 @@ class Datasets:
     """Process-local train batches from global step `start_step` on, forever."""
     return TrainIterator(self.train_dataset(start_step), self.plan, self._table('train'),
                          start_step, self.config.on_corrupt)
+
+  def fixed_views(self, num_views: int, batch_size: int, sizes: Mapping[str, int]
+                  ) -> tuple[int, Iterator[Batch]]:
+    """Views `0..num_views-1` of every train record, record-major, in batches.
+
+    View v of record i is the train transform (crop, flip, RandAugment: `_train_views`) with
+    seed `plan.view_seeds(seed, i, v)`, at the resolutions `sizes`: exactly the crop a
+    `cache_views=num_views` train stream shows when it picks view v of record i.
+
+    Returns:
+      `(steps, iterator)`; batches carry the views, `index`, `view` and `mask` (0: padding or
+      unreadable image) and have `batch_size` rows (the last one padded).
+    """
+    total = self.num_train * num_views
+    steps = max(1, -(-total // batch_size))
+    flat = np.arange(steps * batch_size, dtype=np.int64)
+    index = np.where(flat < total, flat // num_views, -1)
+    view = (flat % num_views).astype(np.int32)
+    seeds = view_seeds(self.config.seed, np.maximum(index, 0), view)
+    shape = (steps, batch_size)
+    ds = fixed_views_dataset(self._table('train'), index.reshape(shape), view.reshape(shape),
+                             seeds.reshape(*shape, 2), self._train_views(sizes), sizes,
+                             self.config.threads, self.config.prefetch)
+    return steps, ds.as_numpy_iterator()
 
   def eval(self) -> EvalIterator:
     """One pass over the eval split: every example once, padded rows masked."""
@@ -444,7 +527,7 @@ class Datasets:
 
 def make_datasets(config: ml_collections.ConfigDict, image_size: int | None = None,
                   teacher_image_size: int | None = None, process_index: int = 0,
-                  process_count: int = 1) -> Datasets:
+                  process_count: int = 1, cache_views: int = 0) -> Datasets:
   """Builds this process's train / eval iterables from a `config.data` section.
 
   Args:
@@ -454,6 +537,8 @@ def make_datasets(config: ml_collections.ConfigDict, image_size: int | None = No
       None; batches carry `teacher_image` only when it differs from the student's.
     process_index, process_count: this process among those reading the data
       (`jax.process_index()`, `jax.process_count()`); batch sizes are global.
+    cache_views: K > 0: the train stream shows one of K fixed views per image and yields
+      `index` and `view` (training from a teacher cache); excludes mixup/CutMix.
 
   Returns:
     `Datasets`: `.train(start_step)`, `.eval()`, `.labels`, `.num_train`, `.steps_per_epoch`...
@@ -467,4 +552,5 @@ def make_datasets(config: ml_collections.ConfigDict, image_size: int | None = No
   if teacher and int(teacher) != int(student):
     sizes['teacher_image'] = int(teacher)
   hide_gpus_from_tensorflow()
-  return Datasets(config, source_from_config(config), sizes, process_index, process_count)
+  return Datasets(config, source_from_config(config), sizes, process_index, process_count,
+                  cache_views=cache_views)

@@ -15,6 +15,13 @@ the rows of the batches it yields are ever read.
 - Corrupt images: each row carries `1 + retries` candidate records, the records at positions
   p, p+1, ... (mod N) of the epoch's order; the pipeline uses the first that decodes. The
   stream thus stays a pure function of (seed, step) whatever images are corrupt.
+- Cached teacher views (`views=K > 0`, for training from a teacher-output cache): every record
+  has K fixed augmented views; view v of record i is augmented with the seed pair
+  `view_seeds(seed, i, v) = (seed, -(1 + i * MAX_VIEWS + v))` (negative: never a slot seed), a
+  pure function of (seed, record, view). Epoch e shows record i its view
+  `epoch_views(seed, e, N, K)[i]` (a seeded draw per epoch and record), and each row carries
+  its candidates' views and seeds, so the batch can name (record, view) for the cache lookup.
+  Mixing images cannot be cached: views and mixup/CutMix exclude each other.
 - Mixup / CutMix pair global rows (2j, 2j+1): each row mixes with its partner with the pair's
   lambda and box, drawn from `(seed, step)` for the whole global batch, so the mixing also does
   not depend on the process count (a process batch must hold whole pairs: B/P even).
@@ -31,7 +38,9 @@ import math
 import numpy as np
 
 # Domain separation of the NumPy seed sequences.
-_PERMUTATION, _MIX = 0, 1
+_PERMUTATION, _MIX, _VIEW = 0, 1, 2
+# Views per record a teacher cache may hold (view seeds are unique below this).
+MAX_VIEWS = 1024
 # Mix modes of a row.
 NO_MIX, MIXUP, CUTMIX = 0, 1, 2
 
@@ -40,6 +49,24 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   """`(N,)` int64: the order in which epoch `epoch` visits the records."""
   rng = np.random.default_rng([seed, _PERMUTATION, epoch])
   return rng.permutation(num_examples).astype(np.int64)
+
+
+def view_seeds(seed: int, index: np.ndarray, view: np.ndarray) -> np.ndarray:
+  """`(..., 2)` int64 augmentation seed pairs of view `view` of record `index` (same shapes).
+
+  `(seed, -(1 + index * MAX_VIEWS + view))`: a pure function of (seed, record, view), and
+  never the seed of a slot of the ordinary stream (`(seed, slot)`, slot >= 0).
+  """
+  index, view = np.broadcast_arrays(np.asarray(index, np.int64), np.asarray(view, np.int64))
+  if np.any((view < 0) | (view >= MAX_VIEWS)):
+    raise ValueError(f'view indices must be in [0, {MAX_VIEWS}), got {view.min()}..{view.max()}')
+  return np.stack([np.full_like(index, seed), -(1 + index * MAX_VIEWS + view)], axis=-1)
+
+
+def epoch_views(seed: int, epoch: int, num_examples: int, num_views: int) -> np.ndarray:
+  """`(N,)` int32: which of its `num_views` cached views record i shows in epoch `epoch`."""
+  rng = np.random.default_rng([seed, _VIEW, epoch])
+  return rng.integers(num_views, size=num_examples).astype(np.int32)
 
 
 def _check_shards(global_batch: int, process_index: int, process_count: int) -> int:
@@ -116,10 +143,12 @@ class TrainPlan:
     process_index, process_count: this process and how many read the stream.
     retries: substitute candidates per row for corrupt images.
     mix: mixup / CutMix options (None: off).
+    views: K > 0: rows show one of K fixed views per record (teacher cache; no mixing).
   """
 
   def __init__(self, num_examples: int, global_batch: int, seed: int, process_index: int = 0,
-               process_count: int = 1, retries: int = 8, mix: MixOptions | None = None):
+               process_count: int = 1, retries: int = 8, mix: MixOptions | None = None,
+               views: int = 0):
     self.local_batch = _check_shards(global_batch, process_index, process_count)
     if num_examples < global_batch:
       raise ValueError(f'train split has {num_examples} examples, fewer than the global batch '
@@ -127,6 +156,14 @@ class TrainPlan:
     if seed < 0:
       raise ValueError(f'seed must be non-negative, got {seed}')
     self.mix = mix if mix is not None and mix.enabled else None
+    if not 0 <= views <= MAX_VIEWS:
+      raise ValueError(f'views must be in [0, {MAX_VIEWS}], got {views}')
+    if views and self.mix:
+      raise ValueError('mixup/cutmix mixes two images, whose teacher outputs a teacher cache '
+                       'cannot hold: set config.data.mixup_alpha and cutmix_alpha to 0, or '
+                       'train with the live teacher (no config.teacher.cache)')
+    self.views = int(views)
+    self._views: dict[int, np.ndarray] = {}
     if self.mix and self.local_batch % 2:
       raise ValueError(f'mixup/cutmix pair rows: the process batch size {self.local_batch} '
                        f'(global {global_batch} / {process_count} processes) must be even')
@@ -146,6 +183,14 @@ class TrainPlan:
         self._orders.pop(min(self._orders))
       self._orders[epoch] = epoch_permutation(self.seed, epoch, self.num_examples)
     return self._orders[epoch]
+
+  def view_choice(self, epoch: int) -> np.ndarray:
+    """`(N,)` int32 view of each record in `epoch` (`epoch_views`; the last two are kept)."""
+    if epoch not in self._views:
+      if len(self._views) >= 2:
+        self._views.pop(min(self._views))
+      self._views[epoch] = epoch_views(self.seed, epoch, self.num_examples, self.views)
+    return self._views[epoch]
 
   @property
   def rows(self) -> np.ndarray:
@@ -167,7 +212,9 @@ class TrainPlan:
       dict of arrays with leading dimension b = B / P: `candidates` `(b, 1 + retries)` int64
       record indices (the scheduled record first, then its substitutes), `seed` `(b, 2)` int64
       augmentation seeds, and when mixing is on `partner` `(b,)` int32 (row within the process
-      batch), `mode`, `lam`, `box` (see `mix_params`).
+      batch), `mode`, `lam`, `box` (see `mix_params`). With `views` > 0 also
+      `candidate_views` `(b, 1 + retries)` int32 and `candidate_seeds` `(b, 1 + retries, 2)`
+      int64: each candidate's view this epoch and its seeds (which replace `seed`).
     """
     epoch, pos = self.positions(step)
     order = self.order(epoch)
@@ -177,6 +224,10 @@ class TrainPlan:
         'candidates': order[(pos[:, None] + offsets[None, :]) % n],
         'seed': np.stack([np.full_like(pos, self.seed), epoch * n + pos], axis=1),
     }
+    if self.views:
+      views = self.view_choice(epoch)[out['candidates']]
+      out['candidate_views'] = views
+      out['candidate_seeds'] = view_seeds(self.seed, out['candidates'], views)
     if self.mix:
       mix = mix_params(self.seed, step, self.global_batch, self.mix)
       out.update({k: v[self.rows] for k, v in mix.items()})

@@ -16,6 +16,12 @@ config key, never inside `jit`. Shapes are checked again (all but the batch size
 call. `adapter_params` are trained with the student (put them in the optimiser's tree) and
 are never exported. Teacher logits and intermediates are wrapped in `stop_gradient`.
 
+The teacher side of every pair is computed by `teacher_targets(teacher_intermediates)` (the
+teacher's map, features or tokens already aligned to the student's grid, `target_shapes` per
+example); `apply(..., teacher_targets=targets)` takes those instead of the intermediates and
+gives the same loss, which is what a teacher-output cache (`kdflax.train.teacher_cache`)
+stores.
+
 `apply` returns the total and a dict of every active weighted term: `ce`, `kd`, `dkd`, `hard`,
 `attention` (with `attention/<pair>`), `manifold` (with `manifold/intra`, `manifold/inter`,
 `manifold/random`) and `total`. A term is active when its `weight` is nonzero.
@@ -464,15 +470,22 @@ class Objective:
     return tuple(pairs)
 
   def _trace_pairs(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Shapes of what each pair compares (student, teacher), found by abstract evaluation."""
+    """Shapes of what each pair compares (student, teacher), found by abstract evaluation.
+
+    Also fixes `self._grids`: the `(h, w)` grid each pair's teacher target is resized to.
+    """
     out = {}
+    self._grids: dict[str, tuple[int, int]] = {}
     for term, pairs in (('attention', self.attention_pairs), ('manifold', self.manifold_pairs)):
       for pair in pairs:
+        key = f'{term}/{pair.name}'
         s = jax.ShapeDtypeStruct(self.student_shapes[pair.student.key], jnp.float32)
         t = jax.ShapeDtypeStruct(self.teacher_shapes[pair.teacher.key], jnp.float32)
-        fn = self._compared_manifold if term == 'manifold' else self._compared_attention
         try:
-          s_out, t_out = jax.eval_shape(lambda a, b, p=pair, f=fn: f(p, a, b), s, t)
+          self._grids[key] = self._target_grid(term, pair, s, t)
+          s_out, t_out = jax.eval_shape(
+              lambda a, b, p=pair, m=term: (self._student_compared(m, p, a),
+                                            self._teacher_target(m, p, b)), s, t)
         except (ValueError, TypeError) as e:
           raise ValueError(f'loss config {term}.pairs.{pair.name}: cannot align '
                            f'{pair.student.key!r} with {pair.teacher.key!r}: {e}') from None
@@ -484,23 +497,71 @@ class Objective:
         if not same:
           raise ValueError(f'loss config {term}.pairs.{pair.name}: student {s_shape} and '
                            f'teacher {t_shape} do not match after alignment')
-        out[f'{term}/{pair.name}'] = (s_shape, t_shape)
+        out[key] = (s_shape, t_shape)
     return out
 
   # ---------------------------------------------------------------- computation
 
-  def _compared_attention(self, pair: _Pair, s: Array, t: Array) -> tuple[Array, Array]:
-    """What an attention pair compares (student before its adapter, teacher aligned)."""
-    if pair.distance == 'feature':
-      s_feat = pair.student.features(s)
-      return s_feat, attn_lib.resize_features(pair.teacher.features(t), s_feat.shape[1:3])
-    p = self.config['attention']['p']
-    s_map = pair.student.spatial_map(s, p)
-    return s_map, attn_lib.align(pair.teacher.spatial_map(t, p), s_map.shape[1:])
+  def _uses_map(self, term: str, pair: _Pair) -> bool:
+    return term == 'attention' and pair.distance == 'map'
 
-  def _compared_manifold(self, pair: _Pair, s: Array, t: Array) -> tuple[Array, Array]:
-    return manifold_lib.match_tokens(pair.student.features(s), pair.teacher.features(t),
-                                     grid=self.config['manifold']['grid'])
+  def _target_grid(self, term: str, pair: _Pair, s: Any, t: Any) -> tuple[int, int]:
+    """The static `(h, w)` both sides of a pair are compared on (from shapes only)."""
+    p = self.config['attention']['p']
+    if self._uses_map(term, pair):
+      return tuple(jax.eval_shape(lambda x: pair.student.spatial_map(x, p), s).shape[1:3])
+    s_grid = tuple(jax.eval_shape(pair.student.features, s).shape[1:3])
+    if term == 'attention':
+      return s_grid
+    t_grid = tuple(jax.eval_shape(pair.teacher.features, t).shape[1:3])
+    return manifold_lib.matched_grid(s_grid, t_grid, self.config['manifold']['grid'])
+
+  def _student_compared(self, term: str, pair: _Pair, s: Array) -> Array:
+    """The student side of a pair (before its adapter): `(B, h, w)` map, `(B, h, w, C_s)`
+    features or `(B, N, C_s)` manifold tokens."""
+    if self._uses_map(term, pair):
+      return pair.student.spatial_map(s, self.config['attention']['p'])
+    features = pair.student.features(s)
+    if term == 'attention':
+      return features
+    resized = attn_lib.resize_features(features, self._grids[f'{term}/{pair.name}'])
+    return resized.reshape(resized.shape[0], -1, resized.shape[-1])
+
+  def _teacher_target(self, term: str, pair: _Pair, t: Array) -> Array:
+    """The teacher side of a pair, aligned to the student: `(B, h, w)` map (attention
+    distance 'map'), `(B, h, w, C_t)` features ('feature') or `(B, N, C_t)` tokens
+    (manifold)."""
+    grid = self._grids[f'{term}/{pair.name}']
+    if self._uses_map(term, pair):
+      return attn_lib.align(pair.teacher.spatial_map(t, self.config['attention']['p']), grid)
+    resized = attn_lib.resize_features(pair.teacher.features(t), grid)
+    if term == 'attention':
+      return resized
+    return resized.reshape(resized.shape[0], -1, resized.shape[-1])
+
+  @property
+  def target_shapes(self) -> dict[str, tuple[int, ...]]:
+    """`'attention/<pair>'` / `'manifold/<pair>'` -> per-example shape of its teacher target."""
+    return {key: t_shape[1:] for key, (_, t_shape) in self.compared_shapes.items()}
+
+  def teacher_targets(self, teacher_intermediates: Mapping[str, Any] | None
+                      ) -> dict[str, Array]:
+    """Everything the pairs read from the teacher, per pair, already aligned to the student.
+
+    Args:
+      teacher_intermediates: the teacher's `'intermediates'` (values as sown, 1-tuples).
+
+    Returns:
+      `{'attention/<pair>': (B, h, w) or (B, h, w, C_t), 'manifold/<pair>': (B, N, C_t)}`
+      (`target_shapes` per example): what `apply(..., teacher_targets=...)` takes instead of
+      the intermediates, giving the same loss (a teacher-output cache stores these).
+    """
+    t_int = _unwrap(teacher_intermediates)
+    pairs = (tuple(('attention', p) for p in self.attention_pairs)
+             + tuple(('manifold', p) for p in self.manifold_pairs))
+    self._check_call_shapes('teacher', t_int, {p.teacher.key for _, p in pairs})
+    return {f'{term}/{p.name}': self._teacher_target(term, p, t_int[p.teacher.key])
+            for term, p in pairs}
 
   def init(self, rng: Array) -> dict:
     """Adapter parameters (`{}` when no pair uses an adapter)."""
@@ -532,7 +593,8 @@ class Objective:
             teacher_logits: Array | Sequence[Array] | None,
             teacher_intermediates: Mapping[str, Any] | None, labels: Array, *,
             step: Array | int | None = None, rng: Array | None = None,
-            mask: Array | None = None, soft_labels: Array | None = None
+            mask: Array | None = None, soft_labels: Array | None = None,
+            teacher_targets: Mapping[str, Array] | None = None
             ) -> tuple[Array, dict[str, Array]]:
     """The total loss and every active weighted term.
 
@@ -549,13 +611,14 @@ class Objective:
       mask: optional `(B,)` example weights (0 for padding).
       soft_labels: optional `(B, K)` targets (mixup/CutMix) for the cross-entropy term; the
         other terms keep the integer `labels`.
+      teacher_targets: optional `teacher_targets(...)` output (e.g. read from a teacher
+        cache), used instead of `teacher_intermediates` (which may then be None).
 
     Returns:
       `(total, terms)`: a float32 scalar and `{term: weighted value}` including `'total'`.
     """
     c = self.config
     s_int = _unwrap(student_intermediates)
-    t_int = jax.tree.map(jax.lax.stop_gradient, _unwrap(teacher_intermediates))
     if teacher_logits is not None:
       teacher_logits = jax.tree.map(jax.lax.stop_gradient, teacher_logits)
       if isinstance(teacher_logits, list):
@@ -565,7 +628,18 @@ class Objective:
       raise ValueError('teacher_logits is None but kd, dkd or hard is active')
     pairs = self.attention_pairs + self.manifold_pairs
     self._check_call_shapes('student', s_int, {p.student.key for p in pairs})
-    self._check_call_shapes('teacher', t_int, {p.teacher.key for p in pairs})
+    if teacher_targets is None:
+      targets = self.teacher_targets(teacher_intermediates) if pairs else {}
+    else:
+      targets = dict(teacher_targets)
+      for key, shape in self.target_shapes.items():
+        if key not in targets:
+          raise ValueError(f'teacher_targets lack {key!r} (configured pairs need it); '
+                           f'got {sorted(targets)}')
+        if tuple(targets[key].shape[1:]) != shape:
+          raise ValueError(f'teacher target {key!r} has shape {tuple(targets[key].shape)}; '
+                           f'the objective needs (batch, {", ".join(map(str, shape))})')
+    targets = jax.tree.map(jax.lax.stop_gradient, targets)
 
     terms: dict[str, Array] = {}
     if self.active('ce'):
@@ -597,21 +671,22 @@ class Objective:
             self._student_logits(h['logits'], student_logits, s_int), teacher_logits, mask)
       terms['hard'] = h['weight'] * value
     if self.active('attention'):
-      terms.update(self._attention(adapter_params, s_int, t_int, mask))
+      terms.update(self._attention(adapter_params, s_int, targets, mask))
     if self.active('manifold'):
-      terms.update(self._manifold(s_int, t_int, rng, mask))
+      terms.update(self._manifold(s_int, targets, rng, mask))
     top = [v for k, v in terms.items() if '/' not in k]
     total = sum(top[1:], top[0]) if top else jnp.zeros((), jnp.float32)
     terms['total'] = total
     return total, terms
 
-  def _attention(self, adapter_params: Mapping[str, Any], s_int: dict, t_int: dict,
+  def _attention(self, adapter_params: Mapping[str, Any], s_int: dict, targets: dict,
                  mask: Array | None) -> dict[str, Array]:
     a = self.config['attention']
     map_s, map_t, map_w, terms = {}, {}, {}, {}
     adapted = {}
     feature_pairs = [p for p in self.attention_pairs if p.distance == 'feature']
-    compared = {p.name: self._compared_attention(p, s_int[p.student.key], t_int[p.teacher.key])
+    compared = {p.name: (self._student_compared('attention', p, s_int[p.student.key]),
+                         targets[f'attention/{p.name}'])
                 for p in self.attention_pairs}
     if self.adapters is not None:
       adapted = self.adapters.apply({'params': adapter_params},
@@ -636,7 +711,7 @@ class Objective:
     terms['attention'] = sum(values[1:], values[0])
     return terms
 
-  def _manifold(self, s_int: dict, t_int: dict, rng: Array | None, mask: Array | None
+  def _manifold(self, s_int: dict, targets: dict, rng: Array | None, mask: Array | None
                 ) -> dict[str, Array]:
     m = self.config['manifold']
     num_samples = m['num_samples'] if m['random_weight'] != 0 else 0
@@ -644,7 +719,8 @@ class Objective:
       raise ValueError('the manifold loss samples random tokens: apply(..., rng=key) is needed')
     sums = {name: jnp.zeros((), jnp.float32) for name in manifold_lib.TERMS}
     for i, pair in enumerate(self.manifold_pairs):
-      s, t = self._compared_manifold(pair, s_int[pair.student.key], t_int[pair.teacher.key])
+      s = self._student_compared('manifold', pair, s_int[pair.student.key])
+      t = targets[f'manifold/{pair.name}']
       key = jax.random.fold_in(rng, i) if num_samples else None
       values = manifold_lib.relation_terms(s, t, key, num_samples, mask)
       for name in manifold_lib.TERMS:

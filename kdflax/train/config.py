@@ -9,6 +9,8 @@ what differs. Sections:
                   init_checkpoint (a model dir to start from; heads of another size re-init)
     teacher       the teacher: name, overrides, image_size, init_checkpoint (for fine-tuning),
                   checkpoint (model dir used by `distill`; empty: the pipeline's teacher stage),
+                  cache (a `kdflax cache-teacher` directory: `distill` reads the teacher's
+                  outputs from it instead of running the teacher; empty: live teacher),
                   and its own `optim` and `train` sections for the `teacher` stage
     loss          distillation objective (`kdflax.distill.objective.default_loss_config()`);
                   the teacher and baseline stages use only its cross-entropy settings
@@ -74,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = _model_section('mobilenetv3_large_100')
   config.teacher = _model_section('swin_tiny_patch4_window7_224')
   config.teacher.checkpoint = ''
+  config.teacher.cache = ''
   config.teacher.optim = default_optim_config()
   config.teacher.train = default_train_config()
   config.loss = default_loss_config()

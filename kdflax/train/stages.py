@@ -13,7 +13,9 @@ the trainer meet.
   `config.train`.
 - `distill`: trains `config.model` with the full `config.loss` against a frozen teacher read
   from a model directory, with the same optimizer and length as the baseline, so the two are
-  comparable.
+  comparable. With `config.teacher.cache=DIR` (from `kdflax cache-teacher`) the teacher is not
+  run: each example shows one of the cache's fixed views and its teacher outputs come from
+  the cache (`kdflax.train.teacher_cache`).
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
                              process_id=int(dist.process_id))
 
 
-def _trained_model(config: ml_collections.ConfigDict, stage: str) -> TrainedModel:
+def trained_model(config: ml_collections.ConfigDict, stage: str) -> TrainedModel:
+  """The model `stage` trains (the teacher for 'teacher', else the student)."""
   section = config.teacher if stage == 'teacher' else config.model
   _, default_size = registry.create_model(section.name, 1, **dict(section.overrides))
   return TrainedModel(section.name, dict(section.overrides),
@@ -155,9 +158,12 @@ class StageSetup:
   options: LoopOptions
   description: ModelDescription
   cost: dict[str, float]
+  objective: Any = None
+  teacher_cache: Any = None    # the TeacherCache a cached distill reads, else None
 
 
-def _load_teacher(config, teacher_dir: str | None, random_teacher: bool, dtype):
+def load_teacher(config: ml_collections.ConfigDict, teacher_dir: str | None,
+                 random_teacher: bool, dtype: Any) -> tuple[Any, Any, int, Any, str]:
   """`(module, variables, image_size, info-or-None, source)` of the distillation teacher."""
   if random_teacher:  # benchmarks: the speed of a step does not depend on the weights
     module, size = registry.create_model(config.teacher.name, 1, dtype=dtype,
@@ -174,6 +180,60 @@ def _load_teacher(config, teacher_dir: str | None, random_teacher: bool, dtype):
     raise StageError(f'teacher: {e}') from None
   module, size = info.create(dtype=dtype)
   return module, variables, int(config.teacher.image_size or size), info, teacher_dir
+
+
+def check_teacher_labels(info: Any, source: str, labels: tuple[str, ...],
+                         config: ml_collections.ConfigDict) -> None:
+  """StageError when a teacher's classes or labels differ from the data's."""
+  if info is not None and info.num_classes != len(labels):
+    raise StageError(
+        f'teacher {source} has {info.num_classes} classes but the data '
+        f'({config.data.source}: {config.data.root or config.data.name}) has {len(labels)}; '
+        'fine-tune the teacher on this data first (kdflax teacher)')
+  if info is not None and info.labels and tuple(info.labels) != labels:
+    raise StageError(f'teacher {source} labels {list(info.labels)} differ from the data '
+                     f'labels {list(labels)}')
+
+
+def _open_teacher_cache(config: ml_collections.ConfigDict) -> Any:
+  """The `TeacherCache` at `config.teacher.cache` (None when unset); refuses mixing."""
+  if not config.teacher.cache:
+    return None
+  from kdflax.train import teacher_cache
+  teacher_cache.refuse_mixing(config)
+  return teacher_cache.TeacherCache(config.teacher.cache)
+
+
+def _cached_teacher(cache: Any, config: ml_collections.ConfigDict, dtype: Any,
+                    log_fn: Callable[[str], None]):
+  """The teacher a cache recorded (module and abstract variables: shapes only)."""
+  recorded = cache.fingerprint['teacher']
+  info = model_io.ModelInfo(recorded['model'], int(recorded['num_classes']),
+                            int(cache.fingerprint['teacher_image_size']),
+                            overrides=dict(recorded.get('overrides', {})))
+  module, size = info.create(dtype=dtype)
+  size = int(config.teacher.image_size or size)
+  variables = complexity.abstract_variables(module, size)
+  log_fn(f'teacher outputs from {cache.directory} ({info.model}, as recorded; pass '
+         '--teacher_workdir to check the teacher too)')
+  return module, variables, size, info, cache.directory
+
+
+def _check_teacher_cache(cache: Any, config: ml_collections.ConfigDict, info: Any,
+                         teacher_vars: Any, teacher_size: int, data: Any, objective: Any,
+                         source: str) -> None:
+  """CacheError unless `cache` was built for this run (teacher, sizes, pairs, data, K...)."""
+  from kdflax.train import teacher_cache
+  recorded = cache.fingerprint['teacher']
+  if source == cache.directory:  # no teacher given: the recorded one, its hash unchecked
+    digest = recorded.get('variables_sha256')
+  else:
+    digest = teacher_cache.variables_digest(teacher_vars)
+  teacher_id = teacher_cache.teacher_identity(info, digest)
+  expected = teacher_cache.expected_fingerprint(
+      config, teacher_id, int(config.data.teacher_image_size or teacher_size),
+      data.sizes['image'], objective, data.train_records, tuple(data.labels), cache.num_views)
+  cache.check(expected)
 
 
 def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: str | None = None,
@@ -196,34 +256,33 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
     raise StageError(f'config.train.compute_dtype must be one of {sorted(DTYPES)}, '
                      f'got {train_cfg.compute_dtype!r}')
   dtype = DTYPES[train_cfg.compute_dtype]
-  trained = _trained_model(config, stage)
+  trained = trained_model(config, stage)
 
-  teacher = teacher_vars = info = None
+  teacher = teacher_vars = info = cache = None
   teacher_size, source = None, ''
   if stage == 'distill':
-    teacher, teacher_vars, teacher_size, info, source = _load_teacher(
-        config, teacher_dir, random_teacher, dtype)
+    cache = _open_teacher_cache(config)
+    if cache is not None and not (teacher_dir or config.teacher.checkpoint):
+      teacher, teacher_vars, teacher_size, info, source = _cached_teacher(
+          cache, config, dtype, log_fn)
+    else:
+      teacher, teacher_vars, teacher_size, info, source = load_teacher(
+          config, teacher_dir, random_teacher, dtype)
 
   data = make_datasets(config.data, image_size=trained.image_size,
-                       teacher_image_size=teacher_size,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+                       teacher_image_size=None if cache else teacher_size,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       cache_views=cache.num_views if cache else 0)
   labels = tuple(data.labels)
   num_classes = len(labels)
-  if info is not None and info.num_classes != num_classes:
-    raise StageError(
-        f'teacher {source} has {info.num_classes} classes but the data '
-        f'({config.data.source}: {config.data.root or config.data.name}) has {num_classes}; '
-        'fine-tune the teacher on this data first (kdflax teacher)')
-  if info is not None and info.labels and tuple(info.labels) != labels:
-    raise StageError(f'teacher {source} labels {list(info.labels)} differ from the data '
-                     f'labels {list(labels)}')
+  check_teacher_labels(info, source, labels, config)
 
   module, _ = registry.create_model(trained.name, num_classes, dtype=dtype, **trained.overrides)
   key = jax.random.key(config.seed)
   variables = init_variables(module, key, trained.image_size)
   if trained.init_checkpoint:
     variables = load_initial_variables(variables, trained.init_checkpoint, log_fn)
-  if teacher is not None and teacher_vars is None:
+  if cache is None and teacher is not None and teacher_vars is None:  # random_teacher
     teacher = teacher.clone(num_classes=num_classes)
     teacher_vars = init_variables(teacher, jax.random.fold_in(key, 2), teacher_size)
 
@@ -234,6 +293,11 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
       teacher_layout=model_layout(teacher) if teacher else None,
       student_layout=model_layout(module))
   adapter_params = objective.init(jax.random.fold_in(key, 1))
+  if cache is not None:
+    _check_teacher_cache(cache, config, info, teacher_vars, teacher_size, data, objective,
+                         source)
+    from kdflax.train.teacher_cache import CachedTeacherData
+    data = CachedTeacherData(data, cache)
 
   mesh = data_mesh()
   if int(config.data.batch_size) % mesh.size:
@@ -244,7 +308,9 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
   tx = make_optimizer(optim_cfg, total_steps)
   state = replicate(create_train_state(variables, adapter_params, tx, seed=config.seed,
                                        ema_decay=float(train_cfg.ema_decay)), mesh)
-  if teacher_vars is not None:
+  if cache is not None:
+    teacher_vars = None
+  elif teacher_vars is not None:
     teacher_vars = replicate(teacher_vars, mesh)
   needs_teacher_maps = stage == 'distill' and any(
       float(config.loss[name].weight) > 0 for name in ('attention', 'manifold'))
@@ -258,12 +324,14 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
       stage=stage, data=data, module=module, teacher=teacher, teacher_variables=teacher_vars,
       teacher_model=info.model if info else (config.teacher.name if teacher else ''),
       teacher_size=teacher_size, state=state,
-      train_step=make_train_step(module, teacher, objective.apply, mesh,
-                                 teacher_intermediates=needs_teacher_maps),
+      train_step=make_train_step(module, None if cache else teacher, objective.apply, mesh,
+                                 teacher_intermediates=needs_teacher_maps,
+                                 cached_teacher=cache is not None),
       eval_step=make_eval_step(module, mesh), mesh=mesh, options=options,
       description=ModelDescription(trained.name, num_classes, trained.image_size, labels,
                                    _json_overrides(trained.overrides)),
-      cost=complexity.model_complexity(module.clone(dtype=jnp.float32), trained.image_size))
+      cost=complexity.model_complexity(module.clone(dtype=jnp.float32), trained.image_size),
+      objective=objective, teacher_cache=cache)
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
@@ -291,6 +359,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
          f'images, {setup.options.total_steps} steps of {config.data.batch_size} on '
          f'{setup.mesh.size} device(s)'
          + (f'; teacher {setup.teacher_model} at {setup.teacher_size}px' if setup.teacher
+            else '')
+         + (f' from the cache {setup.teacher_cache.directory} '
+            f'({setup.teacher_cache.num_views} views per image)' if setup.teacher_cache
             else ''))
   streams = []
 

@@ -19,6 +19,11 @@ with logits `(B, K)`, intermediates as sown by the models (`{'stage0': (array,),
 integer labels `(B,)` and `mask` `(B,)` (1 for real examples); batches from mixup/CutMix add
 `soft_labels=` `(B, K)`. `teacher_logits` is None and
 `teacher_intermediates` is `{}` when there is no teacher (teacher fine-tuning, baseline).
+
+Trained from a teacher cache (`cached_teacher=True`, no teacher module), the step reads the
+teacher's outputs from the batch instead: `teacher_logits` `(B, K)` and, per pair of the
+objective, `teacher_target:<term>/<pair>` (what `Objective.teacher_targets` returns), and
+passes the latter as `teacher_targets=` to `loss_fn`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from kdflax.train.state import TrainState
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 DATA_AXIS = 'data'
+# Batch keys of a cached teacher's outputs (kdflax.train.teacher_cache).
+TEACHER_LOGITS = 'teacher_logits'
+TEACHER_TARGET_PREFIX = 'teacher_target:'
 
 
 def data_mesh(devices: Any = None) -> Mesh:
@@ -90,6 +98,13 @@ def teacher_forward(teacher: nn.Module | None, teacher_variables: Any, batch: Ba
   return jax.lax.stop_gradient((logits, inter))
 
 
+def cached_teacher_outputs(batch: Batch) -> tuple[jax.Array | None, dict[str, jax.Array]]:
+  """`(teacher_logits (B, K) or None, {'<term>/<pair>': target})` carried by a batch."""
+  n = len(TEACHER_TARGET_PREFIX)
+  targets = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_TARGET_PREFIX)}
+  return batch.get(TEACHER_LOGITS), targets
+
+
 def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   k = min(k, logits.shape[-1])
   top = jax.lax.top_k(logits, k)[1]
@@ -98,8 +113,9 @@ def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 def make_train_step(student: nn.Module, teacher: nn.Module | None, loss_fn: LossFn,
                     mesh: Mesh, teacher_intermediates: bool = True,
-                    jit: bool = True) -> Callable[[TrainState, Any, Batch],
-                                                  tuple[TrainState, dict[str, jax.Array]]]:
+                    jit: bool = True, cached_teacher: bool = False
+                    ) -> Callable[[TrainState, Any, Batch],
+                                  tuple[TrainState, dict[str, jax.Array]]]:
   """Builds `train_step(state, teacher_variables, batch) -> (state, metrics)`.
 
   Args:
@@ -109,20 +125,30 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, loss_fn: Loss
     mesh: a mesh with a 'data' axis; the batch's leading axis must divide by its size.
     teacher_intermediates: False skips sowing in the teacher (logit-only objectives).
     jit: False returns the plain function (for tests that inspect tracing).
+    cached_teacher: the teacher's outputs come with the batch (`teacher_logits`,
+      `teacher_target:*`, see the module docstring); `teacher` must be None.
 
   Returns:
     The step. `metrics` holds `loss`, every term of `loss_fn`, `top1` (batch accuracy on
     `label`), `grad_norm`, `param_norm` (after the update) and `learning_rate` when the
     optimizer exposes it, as scalars.
   """
+  if cached_teacher and teacher is not None:
+    raise ValueError('make_train_step: cached_teacher=True reads the teacher from the batch; '
+                     'pass teacher=None')
 
   def step_fn(state: TrainState, teacher_variables: Any, batch: Batch):
     key = state.key()
     dropout_key, loss_key = jax.random.split(key)
     labels = batch['label']
     mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
-    t_logits, t_inter = teacher_forward(teacher, teacher_variables, batch,
-                                        teacher_intermediates)
+    cached = {}
+    if cached_teacher:
+      t_logits, targets = cached_teacher_outputs(batch)
+      t_inter, cached = {}, {'teacher_targets': targets}
+    else:
+      t_logits, t_inter = teacher_forward(teacher, teacher_variables, batch,
+                                          teacher_intermediates)
 
     def compute_loss(params):
       variables = {'params': params['student']}
@@ -135,7 +161,7 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, loss_fn: Loss
       extra = {'soft_labels': batch['soft_label']} if 'soft_label' in batch else {}
       loss, terms = loss_fn(params['adapters'], logits, new_state['intermediates'],
                             t_logits, t_inter, labels, step=state.step, rng=loss_key,
-                            mask=mask, **extra)
+                            mask=mask, **extra, **cached)
       return loss, (terms, new_state.get('batch_stats', {}), logits)
 
     (loss, (terms, batch_stats, logits)), grads = jax.value_and_grad(
