@@ -91,6 +91,23 @@ def export_stage(config, model_dir: str, out_dir: str, log=print) -> list[dict[s
   return rows
 
 
+def given_teacher_row(config, teacher_dir: str) -> dict[str, Any]:
+  """The results row of a teacher the pipeline did not train: its top-1 on the eval split."""
+  from kdflax.commands.evaluate import evaluate_model_dir
+  from kdflax.models import complexity
+  from kdflax.train.checkpoint import read_model_info
+
+  info = read_model_info(teacher_dir)
+  cost = complexity.model_complexity(info.create()[0], info.image_size)
+  top1 = top5 = None
+  if config.data.eval_split:
+    metrics = evaluate_model_dir(teacher_dir, config)
+    top1, top5 = metrics['top1'], metrics['top5']
+  return {'stage': 'teacher (given)', 'model': info.model, 'params': cost['params'],
+          'gmacs': cost['gmacs'], 'top1': top1, 'top5': top5,
+          'detail': f'{info.image_size}px, {teacher_dir}'}
+
+
 def run_pipeline(config, workdir: str, log=print) -> list[dict[str, Any]]:
   """Runs every stage (see the module docstring); returns the results rows."""
   from kdflax.train.stages import run_stage
@@ -103,6 +120,7 @@ def run_pipeline(config, workdir: str, log=print) -> list[dict[str, Any]]:
     teacher_dir = summary['model_dir']
   else:
     log(f'[teacher] using {teacher_dir} (config.teacher.checkpoint)')
+    rows.append(given_teacher_row(config, teacher_dir))
   summary = run_stage(config, os.path.join(workdir, 'student'), 'student', log_fn=log)
   rows.append(_row('baseline student', summary))
   summary = run_stage(config, os.path.join(workdir, 'distill'), 'distill',
@@ -122,7 +140,8 @@ def run_pipeline(config, workdir: str, log=print) -> list[dict[str, Any]]:
   return rows
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], rows_out: list[dict[str, Any]] | None = None) -> int:
+  """Runs the command; the results rows are appended to `rows_out` when given."""
   parser = argparse.ArgumentParser(prog='kdflax pipeline', description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True)
   parser.add_argument('--workdir', required=True)
@@ -131,7 +150,9 @@ def main(argv: list[str]) -> int:
   def run() -> int:
     config = load_config(args.config, rest)
     save_config(config, args.workdir)
-    run_pipeline(config, args.workdir)
+    rows = run_pipeline(config, args.workdir)
+    if rows_out is not None:
+      rows_out.extend(rows)
     return 0
 
   return run_reporting_errors('pipeline', run)
