@@ -35,6 +35,7 @@ test: $(VENV)/.full-installed
 bench: $(VENV)/.full-installed
 	$(PY) tools/bench_input.py
 	$(PY) tools/bench_tflite.py --threads 1 --trials 11
+	$(PY) tools/bench_train.py --json runs/bench_train.json
 
 lint: $(VENV)/.full-installed
 	$(VENV)/bin/ruff check kdflax tests tools configs

@@ -401,6 +401,7 @@ def main(argv: list[str]) -> int:
   print()
   print(table(rows))
   if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, 'w') as f:
       json.dump({'header': head, 'machine': {'cpus': os.cpu_count(), 'cpu': cpu_name(),
                                              'platform': platform.platform()},
