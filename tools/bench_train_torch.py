@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
 
-import numpy as np
+# The resize weights of the kdflax side (a NumPy function; importing it loads JAX, never
+# TensorFlow, which must not share a process with PyTorch).
+from kdflax.distill.attention import resize_matrix
 
 STUDENT_STAGE_BLOCKS = (1, 2, 4, 6)  # timm MobileNetV3-Large blocks at strides 4, 8, 16, 32
 
@@ -57,27 +58,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--grad-clip', type=float, default=1.0)
   parser.add_argument('--student-drop-rate', type=float, default=0.2)
   return parser.parse_args(argv)
-
-
-def resize_matrix(src: int, dst: int) -> np.ndarray:
-  """kdflax.distill.attention.resize_matrix: area averaging down, bilinear (half-pixel) up."""
-  if dst == src:
-    return np.eye(src)
-  weights = np.zeros((dst, src))
-  if dst < src:
-    scale = src / dst
-    for i in range(dst):
-      lo, hi = i * scale, (i + 1) * scale
-      for j in range(int(math.floor(lo)), min(int(math.ceil(hi)), src)):
-        weights[i, j] = (min(hi, j + 1) - max(lo, j)) / scale
-  else:
-    for i in range(dst):
-      x = min(max((i + 0.5) * src / dst - 0.5, 0.0), src - 1.0)
-      j0 = int(math.floor(x))
-      j1 = min(j0 + 1, src - 1)
-      weights[i, j0] += 1.0 - x + j0
-      weights[i, j1] += x - j0
-  return weights
 
 
 def align(maps, size: tuple[int, int]):
