@@ -66,6 +66,7 @@ def test_tiny_matrix_runs_exports_and_resumes(tmp_path):
     assert 0 <= row['val_top1'] <= 1 and 0 <= row['int8_val_top1'] <= 1
     assert os.path.isfile(row['tflite']) and row['tflite'].endswith('.tflite')
   assert os.path.isdir(os.path.join(workdir, 'teacher', 'model_best'))
+  assert 0 <= result['teacher_val_top1'] <= 1
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['rows'] == result['rows']
   assert '| kd | 0 |' in open(os.path.join(workdir, 'results.md')).read()
@@ -74,4 +75,5 @@ def test_tiny_matrix_runs_exports_and_resumes(tmp_path):
   again = matrix.run_matrix(config, workdir, ['baseline', 'kd'], [0], log=logs.append)
   assert again['rows'] == result['rows']
   assert sum('done before' in line for line in logs) == 2
-  assert not any('[distill]' in line or '[student]' in line for line in logs)
+  assert not any(tag in line for line in logs for tag in ('[distill]', '[student]', '[teacher]'))
+  assert again['teacher_val_top1'] == result['teacher_val_top1']

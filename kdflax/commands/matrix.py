@@ -3,7 +3,8 @@
     kdflax matrix --config configs/beans_hybrid.py --workdir runs/beans_matrix \
         [--methods baseline,kd,hybrid] [--seeds 0,1,2] [--config.key=value ...]
 
-1. The teacher: `config.teacher.checkpoint` when set, else trained once in `WORKDIR/teacher`.
+1. The teacher: `config.teacher.checkpoint` when set, else trained once in `WORKDIR/teacher`
+   (its val top-1 goes into the results as `teacher_val_top1`).
 2. For every method and seed: the same student, data, augmentation, optimizer and schedule,
    with only the loss terms of the method switched on (`METHODS`; each term keeps the weight
    and options the config gives it, a term the config leaves at weight 0 gets weight 1.0),
@@ -137,10 +138,18 @@ def run_matrix(config, workdir: str, methods: Sequence[str], seeds: Sequence[int
   for method in methods:
     method_config(config, method, 0)  # unknown methods / missing pairs fail before training
   os.makedirs(os.path.join(workdir, 'rows'), exist_ok=True)
-  teacher_dir = config.teacher.checkpoint
+  teacher_dir, teacher_top1 = config.teacher.checkpoint, None
   if not teacher_dir and any(m != 'baseline' for m in methods):
-    summary = run_stage(config, os.path.join(workdir, 'teacher'), 'teacher', log_fn=log)
-    teacher_dir = summary['model_dir']
+    path = os.path.join(workdir, 'rows', 'teacher.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        teacher = json.load(f)
+    else:
+      summary = run_stage(config, os.path.join(workdir, 'teacher'), 'teacher', log_fn=log)
+      teacher = {'model_dir': summary['model_dir'], 'model': summary['model'],
+                 'val_top1': summary.get('best', {}).get('top1')}
+      _atomic_json(path, teacher)
+    teacher_dir, teacher_top1 = teacher['model_dir'], teacher['val_top1']
   rows = []
   for seed in seeds:
     for method in methods:
@@ -156,12 +165,14 @@ def run_matrix(config, workdir: str, methods: Sequence[str], seeds: Sequence[int
       rows.append(row)
   summary = summarize(rows)
   result = {'config': config.to_dict().get('data', {}).get('root', ''),
-            'teacher': teacher_dir, 'rows': rows, 'summary': summary}
+            'teacher': teacher_dir, 'teacher_val_top1': teacher_top1, 'rows': rows,
+            'summary': summary}
   _atomic_json(os.path.join(workdir, 'results.json'), result)
   table = format_summary(summary)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    teacher_note = f' ({100 * teacher_top1:.1f}% val top-1)' if teacher_top1 is not None else ''
     f.write(f'# kdflax matrix\n\n{table}\n\nval top-1 in %, mean +- sample std over seeds; '
-            f'teacher {teacher_dir}\n')
+            f'teacher {teacher_dir}{teacher_note}\n')
   log(f'\n{table}')
   return result
 
