@@ -22,10 +22,11 @@ from typing import Any
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
 from kdflax.train.config import load_config, save_config
 
-NOTE = ('Val top-1 of the trained stages is measured by the tf.data eval pipeline (float '
-        'pixels); the exported rows run the .tflite on uint8 photos decoded and resized with '
-        'PIL, as an app would feed them, so a few borderline images can flip between the two. '
-        'Parity (same images through JAX and the .tflite) is in the last column.')
+NOTE = ('Val top-1 of the trained stages is measured by the tf.data eval pipeline; the exported '
+        'rows run the .tflite on the same photos through `kdflax.data.eval_view` (the one '
+        'evaluation view: the same uint8 pixels, as an app using MediaPipe with the documented '
+        'region of interest feeds them). Parity (same images through JAX and the .tflite) is in '
+        'the last column.')
 
 
 def _row(name: str, summary: Mapping[str, Any]) -> dict[str, Any]:
