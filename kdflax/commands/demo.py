@@ -5,7 +5,7 @@
 1. A table of the presets that matter here (params, GMACs, resolution, CPU ms/image on bundled
    leaf photos for the small ones, the maps each model sows for distillation).
 2. `kdflax pipeline` on real bean-leaf photos (`configs/quickstart.py`: the whole iBean train
-   and val splits at 128 px): the committed teacher's accuracy, the baseline student, the
+   and val splits at 128 px): the teacher (trained in the run), the baseline student, the
    distilled student, export to `.tflite`, results table.
 3. One line comparing the distilled student with the baseline on the validation photos, and
    the mean and spread over seeds measured for `docs/results.md` (one run is one seed).
