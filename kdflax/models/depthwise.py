@@ -12,9 +12,10 @@ Implementations:
              well, and what jax2tf -> TFLite turns into DEPTHWISE_CONV_2D (export uses it).
   'shifted'  the same arithmetic as a sum over the k*k taps of strided slices of the padded
              input times that tap's per-channel weights. XLA:CPU runs grouped convolutions
-             through a slow generic path; measured on 2 cores, (16, 56, 56, 72), 3x3:
-             forward 69 -> 1.7 ms, forward + both gradients 199 -> 50 ms (plain autodiff of this
-             form; hand-written weight-gradient variants were measured and did not beat it).
+             through a slow generic path; measured on 2 cores, (16, 56, 56, 72), 3x3
+             (`tools/bench_depthwise.py`): forward 69 -> 1.7 ms, forward + both gradients
+             199 -> 50 ms (plain autodiff of this form; hand-written weight-gradient variants
+             were measured and did not beat it).
   'auto'     'shifted' when the default backend is the CPU, 'conv' elsewhere (at trace time).
 """
 
