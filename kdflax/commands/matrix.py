@@ -98,10 +98,8 @@ def format_summary(summary: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  from kdflax.export.tflite import atomic_write
+  atomic_write(path, json.dumps(obj, indent=2).encode())
 
 
 def run_row(config, workdir: str, method: str, seed: int, teacher_dir: str,
