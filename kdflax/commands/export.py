@@ -4,6 +4,8 @@
         --calibration data/beans_sample/train --eval data/beans_sample/val
     kdflax export --checkpoint DIR --out out/student.tflite --precision fp32 fp16 int8 \\
         --calibration DIR    # -> student_fp32.tflite, student_fp16.tflite, student_int8.tflite
+    kdflax export --checkpoint DIR --out out/student.tflite --precision int8 \\
+        --config configs/plantvillage_tomato_swin_l_mnv3.py   # photos of the configured data
     kdflax export --model mobilenetv3_large_100 --num_classes 10 --out out/m.tflite \\
         --calibration data/beans_sample/train      # freshly initialised weights, for benchmarks
 
@@ -15,6 +17,10 @@ probabilities (softmax in the graph; `--output logits` for logits; see
 export is run in LiteRT (child process) and compared with JAX on the evaluation images (else
 the calibration images): fp32 within 1e-4, fp16 within 1e-2, int8 top-1 agreement >= 98%. A
 failed check is an error (exit 1, no file written) unless `--allow-mismatch`.
+
+With `--config FILE` (and `--config.key=value` overrides) the calibration photos come from the
+config's train split and the evaluation photos from its eval split, through its data source
+(image folders or TFDS, e.g. `plant_village` tomato), instead of `--calibration` / `--eval`.
 
 Unless `--no-report`, `STEM.report.json` and `STEM.report.md` go beside the model(s): params,
 MACs, file size, latency (median / p90, 1 and 4 threads), peak memory and, with `--eval DIR`
@@ -54,6 +60,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
   p.add_argument('--eval', dest='eval_dir',
                  help='labelled folder DIR/<class>/*.jpg: parity images and report accuracy')
   p.add_argument('--num_eval', type=int, default=500, help='at most this many eval images')
+  p.add_argument('--config', help='config file: calibration photos from its train split, eval '
+                 'photos from its eval split (any data source; --config.key=value overrides)')
   p.add_argument('--batch', type=int, default=1, help='static batch of the exported input')
   p.add_argument('--input_type', choices=INPUT_TYPES, default='uint8',
                  help='uint8 0..255 (default) or float32 0..1 input')
@@ -66,14 +74,6 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                  help='skip latency / memory / accuracy measurements')
   p.add_argument('--runs', type=int, default=30, help='timed invocations per latency figure')
   return p
-
-
-def output_paths(out: str, precisions: list[str]) -> dict[str, str]:
-  """`{precision: path}`: `out` itself for one precision, `STEM_PRECISION.tflite` for several."""
-  if len(precisions) == 1:
-    return {precisions[0]: out}
-  stem = out[:-len('.tflite')] if out.endswith('.tflite') else out
-  return {p: f'{stem}_{p}.tflite' for p in precisions}
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, dict, int, tuple[str, ...], str, str]:
@@ -106,8 +106,11 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     p.error('--model needs --num_classes')
   if args.checkpoint and (args.num_classes or args.labels):
     p.error('--num_classes / --labels go with --model; a model directory has its own')
-  if 'int8' in args.precision and not args.calibration:
-    p.error('--precision int8 needs --calibration DIR (real photos for quantization)')
+  if args.config and (args.calibration or args.eval_dir):
+    p.error('give --config FILE or --calibration / --eval folders, not both')
+  if 'int8' in args.precision and not (args.calibration or args.config):
+    p.error('--precision int8 needs --calibration DIR or --config FILE (real photos for '
+            'quantization)')
   for flag, value in (('--calibration', args.calibration), ('--eval', args.eval_dir),
                       ('--checkpoint', args.checkpoint)):
     if value and not os.path.isdir(value):
@@ -120,16 +123,23 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     p.error('--precision lists a precision twice')
 
 
+def to_model_labels(idx: np.ndarray, classes: tuple[str, ...], labels: tuple[str, ...],
+                    where: str) -> np.ndarray:
+  """Class indices of `classes` -> indices of the model's `labels` (unchanged without labels)."""
+  if not labels:
+    return np.asarray(idx, np.int32)
+  missing = [c for c in classes if c not in labels]
+  if missing:
+    raise ValueError(f'{where}: classes {missing} are not among the model labels {list(labels)}')
+  return np.asarray([labels.index(classes[i]) for i in idx], np.int32)
+
+
 def _eval_set(folder: str, size: int, limit: int, labels: tuple[str, ...]
               ) -> tuple[np.ndarray, np.ndarray]:
   """Labelled images of `folder`, indices mapped onto the model's label order."""
   from kdflax.export.images import labelled_folder, load_image
   files, idx, classes = labelled_folder(folder)
-  if labels:
-    missing = [c for c in classes if c not in labels]
-    if missing:
-      raise ValueError(f'{folder}: classes {missing} are not among the model labels {list(labels)}')
-    idx = np.asarray([labels.index(classes[i]) for i in idx], np.int32)
+  idx = to_model_labels(idx, classes, labels, folder)
   if len(files) > limit:
     keep = sorted(set(np.linspace(0, len(files) - 1, limit).round().astype(int)))
     files, idx = [files[i] for i in keep], idx[keep]
@@ -145,14 +155,17 @@ def _eval_set(folder: str, size: int, limit: int, labels: tuple[str, ...]
 
 def main(argv: list[str]) -> int:
   """`argv[0]` is the command name. Returns 0 on success, 1 on failure, 2 on bad usage."""
+  from kdflax.commands.common import parse_with_overrides
   parser = _parser(f'kdflax {argv[0] if argv else "export"}')
   try:
-    args = parser.parse_args(argv[1:])
+    args, overrides = parse_with_overrides(parser, argv[1:])
+    if overrides and not args.config:
+      parser.error(f'{overrides[0]}: --config.* overrides need --config FILE')
     _validate(parser, args)
   except SystemExit as e:
     return int(e.code or 0)
   try:
-    return _run(args)
+    return _run(args, overrides)
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     hint = ''
     if args.model and 'parity FAILED' in str(e):
@@ -162,64 +175,49 @@ def main(argv: list[str]) -> int:
     return 1
 
 
-def _run(args: argparse.Namespace) -> int:
-  from kdflax.export.images import sample_images
-  from kdflax.export.report import accuracy, measure_tflite, write_report
-  from kdflax.export.tflite import export_tflite, jax_logits, serving_function
-  from kdflax.models.complexity import count_macs, count_params
-
-  module, variables, size, labels, name, source = _load(args)
-  calib = None
+def _photos(args: argparse.Namespace, overrides: list[str], size: int,
+            labels: tuple[str, ...]) -> tuple[np.ndarray | None, np.ndarray | None,
+                                              np.ndarray | None, str | None]:
+  """-> (calibration, eval images, eval labels, description of the eval photos)."""
+  if args.config:
+    from kdflax.data.photos import describe_source, split_photos
+    from kdflax.train.config import load_config
+    data = load_config(args.config, overrides).data
+    calib, _, _ = split_photos(data, data.train_split, size, args.num_calibration)
+    print(f'calibration: {len(calib)} photos of {describe_source(data)} {data.train_split}',
+          file=sys.stderr)
+    if not data.eval_split:
+      return calib, None, None, None
+    images, idx, classes = split_photos(data, data.eval_split, size, args.num_eval)
+    where = f'{describe_source(data)} {data.eval_split}'
+    print(f'eval: {len(images)} labelled photos of {where}', file=sys.stderr)
+    return calib, images, to_model_labels(idx, classes, labels, where), where
+  calib = eval_images = eval_labels = None
   if args.calibration:
+    from kdflax.export.images import sample_images
     calib = sample_images(args.calibration, size, args.num_calibration)
     print(f'calibration: {len(calib)} images from {args.calibration}', file=sys.stderr)
-  eval_images = eval_labels = None
   if args.eval_dir:
     eval_images, eval_labels = _eval_set(args.eval_dir, size, args.num_eval, labels)
     print(f'eval: {len(eval_images)} labelled images from {args.eval_dir}', file=sys.stderr)
+  return calib, eval_images, eval_labels, args.eval_dir
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+  from kdflax.export.export_model import export_model
+
+  module, variables, size, labels, name, source = _load(args)
+  calib, eval_images, eval_labels, eval_source = _photos(args, overrides, size, labels)
   if args.model and calib is not None and 'batch_stats' in variables:
     from kdflax.export.stand_in import calibrate_batch_stats
     variables = calibrate_batch_stats(module, variables, calib[:32])
     print('fresh weights: BatchNorm statistics set from the calibration images',
           file=sys.stderr)
-  parity_images = eval_images if eval_images is not None else calib
-
-  exports = []
-  for precision, path in output_paths(args.out, args.precision).items():
-    result = export_tflite(
-        module, variables, size, path, precision=precision, calibration_images=calib,
-        parity_images=parity_images, batch=args.batch, labels=labels,
-        input_type=args.input_type, allow_mismatch=args.allow_mismatch, model_name=name,
-        output=args.output)
-    print(f'{result.path}: {result.size_mb:.2f} MB; {result.parity.summary()}')
-    exports.append(result)
-  if not args.report:
-    return 0
-
-  report: dict[str, Any] = {
-      'model': name, 'source': source, 'image_size': size,
-      'labels': list(labels), 'batch': args.batch,
-      'input_desc': f'image ({args.batch}, {size}, {size}, 3) {args.input_type} RGB '
-                    f'{"0..255" if args.input_type == "uint8" else "0..1"} -> '
-                    f'{args.output} float32',
-      'output': args.output,
-      'num_classes': exports[0].num_classes,
-      'params': count_params(variables), 'macs': count_macs(module, variables, size),
-      'jax_accuracy': None, 'eval_folder': args.eval_dir,
-      'eval_images': None if eval_images is None else int(len(eval_images)), 'exports': []}
-  if eval_images is not None:
-    fn = serving_function(module, variables, 'uint8')
-    logits = jax_logits(fn, eval_images)
-    report['jax_accuracy'] = accuracy(logits, eval_labels)
-  for result in exports:
-    print(f'measuring {os.path.basename(result.path)} ...', file=sys.stderr)
-    stats = measure_tflite(result.path, eval_images, eval_labels, runs=args.runs)
-    stats.update(precision=result.precision, ops=dict(result.ops),
-                 parity=result.parity.as_dict(), parity_summary=result.parity.summary())
-    report['exports'].append(stats)
-  stem = args.out[:-len('.tflite')]
-  json_path, md_path = write_report(stem, report)
-  print(f'report: {json_path}, {md_path}')
+  export_model(module, variables, size, args.out, precisions=args.precision,
+               calibration=calib, eval_images=eval_images, eval_labels=eval_labels,
+               labels=labels, model_name=name, weights=source, eval_source=eval_source,
+               batch=args.batch, input_type=args.input_type, output=args.output,
+               allow_mismatch=args.allow_mismatch, report=args.report, runs=args.runs)
   return 0
 
 

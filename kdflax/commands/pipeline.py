@@ -51,36 +51,36 @@ def format_results(rows: list[dict[str, Any]]) -> str:
 
 
 def export_stage(config, model_dir: str, out_dir: str, log=print) -> list[dict[str, Any]]:
-  """Exports `model_dir` at each of `config.export.precisions` with `kdflax export`.
+  """Exports `model_dir` at each of `config.export.precisions`.
 
-  Calibration images come from the train split and the parity/accuracy images from the eval
-  split of an image-folder source. Returns one results row per exported file (accuracy of
-  the `.tflite` on the eval split, file size, 1-thread latency).
+  Calibration photos come from the train split and the parity/accuracy photos from the eval
+  split of the configured source (image folders or TFDS). Returns one results row per
+  exported file (accuracy of the `.tflite` on the eval photos, file size, 1-thread latency).
   """
-  from kdflax.commands import export as export_command
-  from kdflax.export.report import report_paths
-  from kdflax.train.checkpoint import read_model_info
+  from kdflax.commands.export import to_model_labels
+  from kdflax.data.photos import describe_source, split_photos
+  from kdflax.export.export_model import export_model
+  from kdflax.train.checkpoint import load_model
 
-  if config.data.source != 'folder':
-    log('[export] skipped: the pipeline exports from image folders; run `kdflax export '
-        '--checkpoint ... --calibration DIR` for TFDS data')
-    return []
+  info, variables = load_model(model_dir)
+  module, size = info.create()
+  data = config.data
+  calib, _, _ = split_photos(data, data.train_split, size, config.export.calibration_images)
+  eval_images = eval_labels = where = None
+  if data.eval_split:
+    eval_images, idx, classes = split_photos(data, data.eval_split, size,
+                                             config.export.eval_images)
+    where = f'{describe_source(data)} {data.eval_split}'
+    eval_labels = to_model_labels(idx, classes, info.labels, where)
   os.makedirs(out_dir, exist_ok=True)
-  info = read_model_info(model_dir)
-  out = os.path.join(out_dir, f'{info.model}.tflite')
-  argv = ['export', '--checkpoint', model_dir, '--out', out,
-          '--precision', *config.export.precisions,
-          '--calibration', os.path.join(config.data.root, config.data.train_split),
-          '--num_calibration', str(config.export.calibration_images), '--runs', '20',
-          # A parity shortfall is reported in the table instead of failing the whole run.
-          '--allow-mismatch']
-  if config.data.eval_split:
-    argv += ['--eval', os.path.join(config.data.root, config.data.eval_split)]
   log(f'[export] {info.model} -> {out_dir} at {", ".join(config.export.precisions)}')
-  if export_command.main(argv) != 0:
-    raise ValueError(f'export of {model_dir} failed (see the message above)')
-  with open(report_paths(out[:-len('.tflite')])[0]) as f:
-    report = json.load(f)
+  report = export_model(
+      module, variables, size, os.path.join(out_dir, f'{info.model}.tflite'),
+      precisions=tuple(config.export.precisions), calibration=calib,
+      eval_images=eval_images, eval_labels=eval_labels, labels=info.labels,
+      model_name=info.model, weights=f'model directory {model_dir}', eval_source=where,
+      # A parity shortfall is reported in the table instead of failing the whole run.
+      allow_mismatch=True, runs=20, log=log)
   rows = []
   for item in report['exports']:
     latency = item['latency'].get('threads_1', {}).get('median_ms', float('nan'))

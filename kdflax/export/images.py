@@ -13,17 +13,13 @@ import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from kdflax.data.eval_view import CROP_FRACTION, eval_view
+from kdflax.data.photos import ImageError, decode_photo, spread
 
 __all__ = ['CROP_FRACTION', 'ImageError', 'batches', 'decode_image', 'find_images',
            'labelled_folder', 'load_image', 'load_images', 'sample_images']
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-
-
-class ImageError(ValueError):
-  """An image file that cannot be read or decoded; the message names the file."""
 
 
 def find_images(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -52,13 +48,7 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
   Raises:
     ImageError: unreadable, truncated or corrupt file (one line naming the file).
   """
-  try:
-    with Image.open(path) as img:
-      img.load()  # decode now: truncated JPEGs fail here, not later
-      rgb = img.convert('RGB')
-  except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-    raise ImageError(f'{os.fspath(path)}: cannot decode image ({e})') from None
-  return np.asarray(rgb, dtype=np.uint8)
+  return decode_photo(path)
 
 
 def load_image(path: str | os.PathLike, size: int, crop_fraction: float = CROP_FRACTION
@@ -92,9 +82,7 @@ def sample_images(root: str | os.PathLike, size: int, limit: int | None = None) 
     ValueError: `root` holds no readable image.
   """
   files = find_images([root])
-  if limit is not None and len(files) > limit:
-    idx = np.linspace(0, len(files) - 1, limit).round().astype(int)
-    files = [files[i] for i in sorted(set(idx))]
+  files = [files[i] for i in spread(len(files), limit)]
   arrays = []
   for f in files:
     try:

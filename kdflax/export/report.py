@@ -108,7 +108,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines.append(f"- weights: {report['source']}")
   if report.get('jax_accuracy') is not None:
     lines.append(f"- JAX (float32) accuracy on {report.get('eval_images')} images of "
-                 f"`{report.get('eval_folder')}`: {report['jax_accuracy']:.2%}")
+                 f"`{report.get('eval_source')}`: {report['jax_accuracy']:.2%}")
   lines += ['', '| precision | file | MB | latency 1 thr median / p90 ms | 4 thr median / p90 ms '
             '| peak RSS MB | accuracy | parity |',
             '|---|---|---|---|---|---|---|---|']

@@ -1,0 +1,98 @@
+"""Photos of a configured split as the uint8 arrays a served model takes (export, parity).
+
+    images, labels, names = split_photos(config.data, 'validation', size=224, limit=500)
+
+Works for every source `config.data` can name (image folders and TFDS, e.g. `plant_village`
+filtered to its tomato classes): the split's rows are read through the same `Records` table
+the training pipeline uses, decoded with PIL and cut to `kdflax.data.eval_view.eval_view`, so
+export calibration, parity and accuracy see the pixels the trained model was evaluated on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+import ml_collections
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from kdflax.data.eval_view import CROP_FRACTION, eval_view
+
+
+class ImageError(ValueError):
+  """An image that cannot be read or decoded; the message names the file."""
+
+
+def decode_photo(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
+  """Decodes a file path or encoded bytes (PIL) -> `(H, W, 3)` uint8 RGB.
+
+  Alpha is dropped and grey expanded. `name` labels the image in errors (default: the path).
+
+  Raises:
+    ImageError: unreadable, truncated or corrupt image (one line naming it).
+  """
+  is_bytes = isinstance(source, bytes | bytearray)
+  label = name or ('<encoded bytes>' if is_bytes else os.fspath(source))
+  try:
+    with Image.open(io.BytesIO(source) if is_bytes else source) as img:
+      img.load()  # decode now: truncated JPEGs fail here, not later
+      rgb = img.convert('RGB')
+  except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    raise ImageError(f'{label}: cannot decode image ({e})') from None
+  return np.asarray(rgb, dtype=np.uint8)
+
+
+def spread(n: int, limit: int | None) -> np.ndarray:
+  """`(M,)` sorted row indices: all of `range(n)`, or `limit` of them evenly spread.
+
+  Spreading (rather than taking the first `limit`) keeps every class of a class-sorted table.
+  """
+  if limit is None or n <= limit:
+    return np.arange(n)
+  return np.unique(np.linspace(0, n - 1, max(limit, 1)).round().astype(int))
+
+
+def split_photos(data_config: ml_collections.ConfigDict, split: str, size: int,
+                 limit: int | None = None, crop_fraction: float = CROP_FRACTION
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+  """Up to `limit` photos of `split`, evenly spread over its rows, as evaluation views.
+
+  Args:
+    data_config: a `config.data` section (`kdflax.data.config`): source, root / name, ...
+    split: a split of that source (e.g. `config.data.train_split`).
+    size: side S of the views.
+    limit: at most this many photos (None: all).
+    crop_fraction: the evaluation crop (`config.data.eval_crop_fraction`).
+
+  Returns:
+    `(images (M, S, S, 3) uint8, labels (M,) int32, class names)`; undecodable photos are
+    skipped with a warning on stderr.
+
+  Raises:
+    ValueError: the split has no decodable photo.
+  """
+  from kdflax.data.pipeline import source_from_config
+
+  source = source_from_config(data_config)
+  records = source.records(split)
+  rows = records.select(spread(len(records), limit))
+  blobs = rows.encoded if rows.encoded is not None else rows.paths
+  images, labels = [], []
+  for key, label, blob in zip(rows.keys, rows.labels, blobs, strict=True):
+    try:
+      images.append(eval_view(decode_photo(blob, str(key)), size, crop_fraction))
+      labels.append(int(label))
+    except ImageError as e:
+      print(f'warning: skipping {e}', file=sys.stderr)
+  if not images:
+    raise ValueError(f'split {split!r} of {describe_source(data_config)}: no decodable photos')
+  return np.stack(images), np.asarray(labels, np.int32), tuple(source.labels)
+
+
+def describe_source(data_config: ml_collections.ConfigDict) -> str:
+  """A short name of the configured source, e.g. `data/beans` or `tfds:plant_village`."""
+  if data_config.source == 'folder':
+    return str(data_config.root)
+  return f'tfds:{data_config.name}'
