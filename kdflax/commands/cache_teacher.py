@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
   args, overrides = parse_args(argv)
 
   def run() -> int:
-    from kdflax.commands.train import resolve_model_dir
+    from kdflax.train.checkpoint import resolve_model_dir
     from kdflax.train.teacher_cache import build_cache
     config = load_config(args.config, overrides)
     manifest = build_cache(config, args.out, teacher_dir=resolve_model_dir(args.teacher_workdir),

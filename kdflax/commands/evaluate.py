@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
   args, rest = parse_with_overrides(parser, argv[1:])
 
   def run() -> int:
-    from kdflax.commands.train import resolve_model_dir
+    from kdflax.train.checkpoint import resolve_model_dir
     config = load_config(args.config, rest)
     result = evaluate_model_dir(resolve_model_dir(args.model), config, args.split)
     print(json.dumps(result))

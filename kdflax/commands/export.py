@@ -43,7 +43,8 @@ from kdflax.export.tflite import INPUT_TYPES, PRECISIONS
 def _parser(prog: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0])
   src = p.add_argument_group('model (one of)')
-  src.add_argument('--checkpoint', help='model directory (model.json + variables/)')
+  src.add_argument('--checkpoint', help='model directory (model.json + variables/) or a '
+                   'training workdir (its model_best/)')
   src.add_argument('--model', help='registered model name; exports freshly initialised weights')
   src.add_argument('--num_classes', type=int, help='with --model: classifier size')
   src.add_argument('--image_size', type=int, help='input resolution (default: the model\'s)')
@@ -79,8 +80,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> tuple[Any, dict, int, tuple[str, ...], str, str]:
   """-> (module, variables, image_size, labels, model name, description of the weights)."""
   if args.checkpoint:
-    from kdflax.train.checkpoint import load_model
-    info, variables = load_model(args.checkpoint)
+    from kdflax.train.checkpoint import load_model, resolve_model_dir
+    info, variables = load_model(resolve_model_dir(args.checkpoint))
     module, image_size = info.create()
     if args.image_size and args.image_size != image_size and hasattr(module, 'img_size'):
       raise ValueError(f'{args.checkpoint}: {info.model} is built for {image_size} px; '

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.train.checkpoint import resolve_model_dir
 from kdflax.train.config import load_config, save_config
 
 
@@ -32,21 +32,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help='workdir of a `kdflax teacher` run (uses its model_best/), or a '
                              'model directory (from `kdflax convert`)')
   return parse_with_overrides(parser, argv[1:])
-
-
-def resolve_model_dir(path: str | None) -> str | None:
-  """A teacher workdir means its `model_best/`; a model directory is used as it is."""
-  if not path:
-    return None
-  from kdflax.train.checkpoint import MODEL_JSON
-  from kdflax.train.loop import BEST_MODEL_DIR
-  if os.path.isfile(os.path.join(path, MODEL_JSON)):
-    return path
-  best = os.path.join(path, BEST_MODEL_DIR)
-  if os.path.isfile(os.path.join(best, MODEL_JSON)):
-    return best
-  raise FileNotFoundError(f'{path}: neither a model directory nor a teacher workdir with '
-                          f'{BEST_MODEL_DIR}/ (run `kdflax teacher` first)')
 
 
 def main(argv: list[str]) -> int:

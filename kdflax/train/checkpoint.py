@@ -28,6 +28,9 @@ import orbax.checkpoint as ocp
 from kdflax.models import registry
 
 MODEL_JSON = 'model.json'
+# The model directories a training run leaves in its workdir.
+BEST_MODEL_DIR = 'model_best'
+FINAL_MODEL_DIR = 'model_final'
 VARIABLES_DIR = 'variables'
 
 
@@ -144,3 +147,21 @@ def load_model(directory: str | os.PathLike) -> tuple[ModelInfo, dict[str, Any]]
                                             active_processes={jax.process_index()})
   variables = ocp.StandardCheckpointer(multiprocessing_options=solo).restore(path)
   return info, jax.tree.map(np.asarray, variables)
+
+
+def resolve_model_dir(path: str | os.PathLike | None) -> str | None:
+  """A model directory as it is; a training workdir -> its `model_best/`; None -> None.
+
+  Raises:
+    FileNotFoundError: `path` is neither (one line naming it).
+  """
+  if not path:
+    return None
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, MODEL_JSON)):
+    return path
+  best = os.path.join(path, BEST_MODEL_DIR)
+  if os.path.isfile(os.path.join(best, MODEL_JSON)):
+    return best
+  raise FileNotFoundError(f'{path}: neither a model directory ({MODEL_JSON} + {VARIABLES_DIR}/) '
+                          f'nor a training workdir with {BEST_MODEL_DIR}/ (train it first)')

@@ -33,13 +33,12 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from kdflax.train import checkpoint as model_io
+from kdflax.train.checkpoint import BEST_MODEL_DIR, FINAL_MODEL_DIR
 from kdflax.train.metrics import MetricWriter
 from kdflax.train.state import TrainState
 from kdflax.train.step import batch_sharding
 
 CHECKPOINT_DIR = 'checkpoints'
-BEST_MODEL_DIR = 'model_best'
-FINAL_MODEL_DIR = 'model_final'
 RESULTS_FILE = 'results.json'
 
 

@@ -36,7 +36,8 @@ from kdflax.distill.objective import ModelLayout, Objective
 from kdflax.models import complexity, registry
 from kdflax.models.init import init_variables
 from kdflax.train import checkpoint as model_io
-from kdflax.train.loop import BEST_MODEL_DIR, LoopOptions, ModelDescription, fit
+from kdflax.train.checkpoint import BEST_MODEL_DIR
+from kdflax.train.loop import LoopOptions, ModelDescription, fit
 from kdflax.train.optim import make_optimizer
 from kdflax.train.state import create_train_state
 from kdflax.train.step import data_mesh, make_eval_step, make_train_step, replicate
