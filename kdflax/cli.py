@@ -21,6 +21,7 @@ COMMANDS = {
     'eval': ('evaluate', 'evaluate a model directory or workdir on a split'),
     'pipeline': ('pipeline', 'teacher -> baseline -> distil -> export -> report'),
     'matrix': ('matrix', 'every distillation method x seed, exported to int8, mean +- std'),
+    'figures': ('figures', 'learning curves and teacher-vs-student attention pictures of a run'),
     'export': ('export', 'export a model to .tflite (fp32 / fp16 / int8) with a parity check'),
     'predict': ('predict', 'classify images with a .tflite file or a model directory'),
     'convert': ('convert', 'convert a timm / Hugging Face PyTorch checkpoint to a model dir'),

@@ -1,12 +1,15 @@
 """`kdflax.data.photos`: a configured split's photos as the evaluation views a model is served."""
 
+import pathlib
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from helpers import data_fixtures as fx
+from PIL import Image
 
 from kdflax.data.config import default_data_config
-from kdflax.data.photos import ImageError, decode_photo, split_photos, spread
+from kdflax.data.photos import ImageError, decode_photo, save_split_photos, split_photos, spread
 from kdflax.export.images import load_image
 
 
@@ -59,3 +62,21 @@ def test_undecodable_photo_is_named_and_skipped(tmp_path, capsys):
   assert len(images) == 5 and bad.name in capsys.readouterr().err
   with pytest.raises(ImageError, match='<encoded bytes>'):
     decode_photo(b'not an image')
+
+
+def test_save_split_photos_writes_a_labelled_folder_of_the_originals(tmp_path):
+  examples = [{'image': fx.encode(np.full((10, 12, 3), i, np.uint8)), 'label': i % 38,
+               'image/filename': f'{i:04d} a/b.JPG'} for i in range(152)]
+  c = default_data_config()
+  c.update(source='tfds', name='plant_village', data_dir='/nonexistent')
+  with tfds.testing.mock_data(as_dataset_fn=fx.fake_tfds({'train': examples})):
+    paths = save_split_photos(c, 'test', str(tmp_path / 'out'), limit=5)
+  assert len(paths) == 5
+  by_value = dict(enumerate(examples))
+  for path in paths:
+    p = pathlib.Path(path)
+    assert p.parent.parent == tmp_path / 'out' and p.parent.name.startswith('Tomato___')
+    value = int(np.asarray(Image.open(p))[0, 0, 0])
+    assert p.read_bytes() == by_value[value]['image']  # the stored bytes, unchanged
+    assert p.parent.name == tfds.builder('plant_village').info.features['label'].names[
+        value % 38]

@@ -122,6 +122,22 @@ def test_every_term_is_its_weighted_loss_and_the_total_their_sum(setup):
   np.testing.assert_allclose(total, want['total'], rtol=2e-5)
 
 
+def test_attention_maps_are_the_maps_the_loss_compares(setup):
+  obj, d = setup
+  sown = lambda tree: {k: (v,) for k, v in tree.items()}
+  maps = obj.attention_maps(sown(d['student']), sown(d['teacher']))
+  assert set(maps) == {'win', 'act'}  # the 'feature' pair has no map
+  st, te = d['student'], d['teacher']
+  win_t = attention.align(attention.window_attention_map(te['stage0_attn'], (8, 8, 4, 2)),
+                          (4, 4))
+  np.testing.assert_allclose(maps['win'][1], win_t, rtol=1e-6)
+  np.testing.assert_allclose(maps['win'][0], attention.activation_map(st['stage0']), rtol=1e-6)
+  _, terms = _apply(obj, obj.init(jax.random.key(1)), d, step=5, rng=jax.random.key(2))
+  for name, weight in (('win', 20.0), ('act', 10.0)):
+    np.testing.assert_allclose(weight * attention.map_distance(*maps[name]),
+                               terms[f'attention/{name}'], rtol=2e-5)
+
+
 def test_distillation_terms_vanish_when_student_equals_teacher():
   rng = np.random.default_rng(3)
   feats = {'stage0': rng.normal(size=(B, 4, 4, 3)).astype(np.float32),

@@ -35,6 +35,9 @@ def test_paper_config_teacher_distill_export_predict(tmp_path, capsys):
                      '--precision', 'int8', '--config', paper_smoke.CONFIG, *flags,
                      '--allow-mismatch', '--no-report']) == 0
     photos, _, _ = split_photos(config.data, 'validation', 224, limit=2)
+    figures = tmp_path / 'figures'
+    assert cli.main(['figures', '--config', paper_smoke.CONFIG, '--run', str(tmp_path),
+                     '--out', str(figures), '--num_images', '2', *flags]) == 0
   teacher = read_model_info(teacher_dir / 'model_best')
   student = read_model_info(distill_dir / 'model_best')
   assert (teacher.model, teacher.image_size) == ('swin_large_patch4_window12_384', 384)
@@ -60,3 +63,11 @@ def test_paper_config_teacher_distill_export_predict(tmp_path, capsys):
   for line in lines:
     scores = [c['score'] for c in line['top_k']]
     assert line['top_k'][0]['label'] in tomato and np.all(np.diff(scores) <= 0)
+  # Figures: learning curves of both stages, the 4 Swin-L -> MobileNetV3-L stage maps.
+  curves = np.asarray(Image.open(figures / 'learning_curves.png'))
+  grid = np.asarray(Image.open(figures / 'attention.png'))
+  assert curves.ndim == 3 and grid.shape[1] > grid.shape[0]  # 2 rows x 9 columns
+  agreement = json.loads((figures / 'attention.json').read_text())
+  assert agreement['photos'] == 2
+  assert sorted(agreement['map_correlation']) == [f'stage{i}' for i in range(4)]
+  assert all(-1 <= v <= 1 for v in agreement['map_correlation'].values())

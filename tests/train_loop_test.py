@@ -102,8 +102,9 @@ def test_two_processes_match_one_process(tmp_path):
   for a, b in zip(_variables(os.path.join(one, 'model_final')),
                   _variables(os.path.join(two, 'model_final')), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-  # Only process 0 writes metrics.
-  assert sum(1 for r in read_metrics(two) if 'train/loss' in r) == 3
+  # Only process 0 writes metrics (raw lines: read_metrics would merge repeated steps).
+  with open(os.path.join(two, 'metrics.jsonl')) as f:
+    assert sum('train/loss' in line for line in f) == 3
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -162,3 +163,21 @@ def test_bfloat16_compute_with_mixup_soft_labels(tmp_path):
   assert all(x.dtype == np.float32 and np.all(np.isfinite(x)) for x in leaves)
   records = read_metrics(workdir)
   assert [r['step'] for r in records if 'train/loss' in r] == [1, 2, 3]
+
+
+def test_read_metrics_keeps_the_records_of_a_resumed_run(tmp_path):
+  # Logged 1..4 (train) and 2, 4 (val), checkpointed at 2, crashed, resumed: 3, 4 again.
+  rows = [(1, 'train/loss', 9.0), (2, 'train/loss', 8.0), (2, 'val/top1', 0.1),
+          (3, 'train/loss', 7.0), (4, 'train/loss', 6.0), (4, 'val/top1', 0.2),
+          (3, 'train/loss', 7.5), (4, 'train/loss', 6.5), (4, 'val/top1', 0.3),
+          (5, 'train/loss', 5.0)]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    for step, key, value in rows:
+      f.write(json.dumps({'step': step, 'time': 0.0, key: value}) + '\n')
+  got = [(r['step'], *[(k, v) for k, v in r.items() if k not in ('step', 'time')][0])
+         for r in read_metrics(str(tmp_path))]
+  assert got == [rows[i] for i in (0, 1, 2, 6, 7, 8, 9)]
+  # A crash right after logging step 4 and a resume from 2 whose first log is step 4 again.
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write(json.dumps({'step': 5, 'time': 0.0, 'train/loss': 4.0}) + '\n')
+  assert [r['train/loss'] for r in read_metrics(str(tmp_path)) if r['step'] == 5] == [4.0]

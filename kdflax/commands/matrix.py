@@ -98,8 +98,8 @@ def format_summary(summary: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-  from kdflax.export.tflite import atomic_write
-  atomic_write(path, json.dumps(obj, indent=2).encode())
+  from kdflax import atomic
+  atomic.write_json(path, obj)
 
 
 def run_row(config, workdir: str, method: str, seed: int, teacher_dir: str,

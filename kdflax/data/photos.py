@@ -96,3 +96,36 @@ def describe_source(data_config: ml_collections.ConfigDict) -> str:
   if data_config.source == 'folder':
     return str(data_config.root)
   return f'tfds:{data_config.name}'
+
+
+def save_split_photos(data_config: ml_collections.ConfigDict, split: str, folder: str,
+                      limit: int | None = None) -> list[str]:
+  """Writes up to `limit` original photos of `split` to `folder/<class>/` (spread over it).
+
+  Image-folder sources are copied as they are; TFDS images are written as their stored
+  encoded bytes (JPEG/PNG), named after their key. The result is a labelled folder that
+  `kdflax predict`, `kdflax export --eval` and an app's test set can read. Returns the paths.
+  """
+  import shutil
+
+  from kdflax.data.pipeline import source_from_config
+
+  source = source_from_config(data_config)
+  records = source.records(split)
+  rows = records.select(spread(len(records), limit))
+  written = []
+  for i, (key, label) in enumerate(zip(rows.keys, rows.labels, strict=True)):
+    class_dir = os.path.join(folder, source.labels[int(label)])
+    os.makedirs(class_dir, exist_ok=True)
+    if rows.paths is not None:
+      path = os.path.join(class_dir, os.path.basename(str(rows.paths[i])))
+      shutil.copyfile(rows.paths[i], path)
+    else:
+      blob = bytes(rows.encoded[i])
+      ext = '.png' if blob.startswith(b'\x89PNG') else '.jpg'
+      stem = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in str(key)) or f'photo{i}'
+      path = os.path.join(class_dir, os.path.splitext(stem)[0] + ext)
+      with open(path, 'wb') as f:
+        f.write(blob)
+    written.append(path)
+  return written

@@ -563,6 +563,20 @@ class Objective:
     return {f'{term}/{p.name}': self._teacher_target(term, p, t_int[p.teacher.key])
             for term, p in pairs}
 
+  def attention_maps(self, student_intermediates: Mapping[str, Any],
+                     teacher_intermediates: Mapping[str, Any]) -> dict[str, tuple[Array, Array]]:
+    """The maps the attention term compares, per map-distance pair (for pictures).
+
+    Returns:
+      `{pair name: (student (B, h, w), teacher (B, h, w))}`, the teacher's already aligned to
+      the student's grid, both before normalisation.
+    """
+    s_int = _unwrap(student_intermediates)
+    targets = self.teacher_targets(teacher_intermediates)
+    return {p.name: (self._student_compared('attention', p, s_int[p.student.key]),
+                     targets[f'attention/{p.name}'])
+            for p in self.attention_pairs if self._uses_map('attention', p)}
+
   def init(self, rng: Array) -> dict:
     """Adapter parameters (`{}` when no pair uses an adapter)."""
     if self.adapters is None:

@@ -15,7 +15,6 @@ loading the model alongside for reference.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from kdflax import atomic
 from kdflax.export.isolated import benchmark_isolated, run_isolated
 
 
@@ -141,11 +141,10 @@ def report_paths(stem: str | os.PathLike) -> tuple[str, str]:
 
 def write_report(stem: str | os.PathLike, report: Mapping[str, Any]) -> tuple[str, str]:
   """Writes the JSON and Markdown reports atomically; returns their paths."""
-  from kdflax.export.tflite import atomic_write
   report = dict(report)
   report.setdefault('created', datetime.datetime.now().isoformat(timespec='seconds'))
   report.setdefault('machine', machine_info())
   json_path, md_path = report_paths(stem)
-  atomic_write(json_path, (json.dumps(report, indent=2) + '\n').encode())
-  atomic_write(md_path, render_markdown(report).encode())
+  atomic.write_json(json_path, report)
+  atomic.write_text(md_path, render_markdown(report))
   return json_path, md_path

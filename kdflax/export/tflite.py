@@ -40,7 +40,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -50,6 +49,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
+from kdflax import atomic
 from kdflax.export import flatbuffer, lowering
 from kdflax.export.interpreter import (
   INPUT_NAME,
@@ -260,36 +260,6 @@ def _ops_in(text: str) -> str:
   return _first_line(RuntimeError(text))
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` via a temp file in the same folder and a rename."""
-  path = os.fspath(path)
-  directory = os.path.dirname(path) or '.'
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                             dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    _default_mode(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    _remove(tmp)
-    raise
-
-
-def _default_mode(path: str) -> None:
-  """mkstemp creates 0600 files; give the result the usual umask-based mode."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(path, 0o666 & ~umask)
-
-
-def _remove(path: str) -> None:
-  try:
-    os.remove(path)
-  except FileNotFoundError:
-    pass
-
-
 def jax_logits(fn: Callable, images: np.ndarray, batch: int = 1,
                input_type: str = 'uint8') -> np.ndarray:
   """`(N, S, S, 3)` uint8 -> `(N, K)` outputs of the serving function (logits or
@@ -414,13 +384,9 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
   except RuntimeError as e:
     raise ExportError(str(e)) from None
 
-  os.makedirs(os.path.dirname(out_path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(out_path) + '.', suffix='.tmp',
-                             dir=os.path.dirname(out_path))
-  try:
-    with os.fdopen(fd, 'wb') as f:
+  with atomic.staged_file(out_path) as tmp:
+    with open(tmp, 'wb') as f:
       f.write(model)
-    _default_mode(tmp)
     try:
       got = run_isolated(tmp, parity_images)
     except InterpreterCrash as e:
@@ -434,15 +400,11 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
                           '--allow-mismatch to write it anyway)')
       if on_mismatch is not None:
         on_mismatch(parity)
-    os.replace(tmp, out_path)
-  except BaseException:
-    _remove(tmp)
-    raise
   sidecar = labels_path(out_path)
   if labels:
-    atomic_write(sidecar, ''.join(f'{name}\n' for name in labels).encode())
+    atomic.write_text(sidecar, ''.join(f'{name}\n' for name in labels))
   else:
-    _remove(sidecar)  # a stale sidecar from an earlier export would mislabel this model
+    atomic.remove_file(sidecar)  # a stale sidecar from an earlier export would mislabel this model
   return ExportResult(path=out_path, precision=precision, num_classes=num_classes,
                       size_mb=len(model) / 1e6,
                       ops=flatbuffer.op_histogram(model), parity=parity,

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kdflax import atomic
 from kdflax.models import registry
 
 MODEL_JSON = 'model.json'
@@ -49,17 +50,6 @@ class ModelInfo:
     module, _ = registry.create_model(self.model, self.num_classes,
                                       **{**dict(self.overrides), **extra_overrides})
     return module, self.image_size
-
-
-def _replace_dir(tmp: str, final: str) -> None:
-  old = None
-  if os.path.exists(final):
-    old = tempfile.mkdtemp(prefix=os.path.basename(final) + '.old-', dir=os.path.dirname(final))
-    os.rmdir(old)
-    os.rename(final, old)
-  os.rename(tmp, final)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(directory: str | os.PathLike, variables: Mapping[str, Any], model: str,
@@ -98,7 +88,7 @@ def save_model(directory: str | os.PathLike, variables: Mapping[str, Any], model
             'labels': list(labels), 'overrides': dict(overrides or {})}
     with open(os.path.join(tmp, MODEL_JSON), 'w') as f:
       json.dump(info, f, indent=2)
-    _replace_dir(tmp, directory)
+    atomic.replace_dir(tmp, directory)
   except BaseException:
     # Orbax writes from a background thread: let it stop before the temp dir goes, or it
     # could recreate files in it after the removal.

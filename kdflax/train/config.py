@@ -37,6 +37,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from kdflax import atomic
 from kdflax.train.config_check import ConfigError, check_config, check_schema, get_config_error
 from kdflax.train.optim import default_optim_config
 
@@ -207,8 +208,5 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the resolved config to `workdir/config.json` (atomically); returns the path."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, RESOLVED_CONFIG)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  atomic.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
   return path

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from kdflax import atomic
 from kdflax.train import checkpoint as model_io
 from kdflax.train.checkpoint import BEST_MODEL_DIR, FINAL_MODEL_DIR
 from kdflax.train.metrics import MetricWriter
@@ -248,7 +249,4 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def _write_json(path: str, obj: Mapping[str, Any]) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  atomic.write_json(path, obj)

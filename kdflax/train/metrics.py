@@ -74,9 +74,24 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """All records of `workdir/metrics.jsonl`, in order."""
+  """The records of `workdir/metrics.jsonl` as one run, in step order.
+
+  A run resumed from its last checkpoint logs again the steps after that checkpoint that it
+  had logged before stopping; the later records win: a record whose step goes back (or
+  repeats a metric already logged at its step) drops the earlier records from that step on.
+  """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
+  kept: list[dict[str, Any]] = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if not line.strip():
+        continue
+      record = json.loads(line)
+      step, keys = record['step'], set(record) - {'step', 'time'}
+      if any(r['step'] > step or (r['step'] == step and keys & set(r) - {'step', 'time'})
+             for r in kept[-64:]):
+        kept = [r for r in kept if r['step'] < step]
+      kept.append(record)
+  return kept

@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from kdflax import atomic
 from kdflax.train.step import TEACHER_LOGITS, TEACHER_TARGET_PREFIX
 
 FORMAT = 1
@@ -345,16 +346,6 @@ def _remove_partials(directory: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _replace_dir(tmp: str, final: str) -> None:
-  old = None
-  if os.path.exists(final):
-    old = f'{final}.old-{os.getpid()}'
-    os.rename(final, old)
-  os.rename(tmp, final)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_cache(config: ml_collections.ConfigDict, out: str, teacher_dir: str | None = None,
                 views: int = 4, batch_size: int = 0, shard_images: int = 0,
                 log_fn: Callable[[str], None] = print,
@@ -484,7 +475,7 @@ def build_cache(config: ml_collections.ConfigDict, out: str, teacher_dir: str | 
     json.dump(manifest, f, indent=1)
     f.flush()
     os.fsync(f.fileno())
-  _replace_dir(tmp, out)
+  atomic.replace_dir(tmp, out)
   log_fn(f'[cache-teacher] wrote {n} x {views} teacher outputs ({", ".join(shapes)}) in '
          f'{manifest["build_seconds"]:.1f} s'
          + (f'; {len(unreadable)} unreadable image(s) stored as zeros' if unreadable else ''))
