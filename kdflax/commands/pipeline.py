@@ -74,9 +74,12 @@ def export_stage(config, model_dir: str, out_dir: str, log=print) -> list[dict[s
     eval_labels = to_model_labels(idx, classes, info.labels, where)
   os.makedirs(out_dir, exist_ok=True)
   log(f'[export] {info.model} -> {out_dir} at {", ".join(config.export.precisions)}')
+  precisions = tuple(config.export.precisions)
+  # Always MODEL_PRECISION.tflite, also for a single precision.
+  stem = info.model if len(precisions) > 1 else f'{info.model}_{precisions[0]}'
   report = export_model(
-      module, variables, size, os.path.join(out_dir, f'{info.model}.tflite'),
-      precisions=tuple(config.export.precisions), calibration=calib,
+      module, variables, size, os.path.join(out_dir, f'{stem}.tflite'), precisions=precisions,
+      calibration=calib,
       eval_images=eval_images, eval_labels=eval_labels, labels=info.labels,
       model_name=info.model, weights=f'model directory {model_dir}', eval_source=where,
       # A parity shortfall is reported in the table instead of failing the whole run.

@@ -12,8 +12,10 @@ for the loss (`Objective.attention_maps`). Maps are min-max scaled per picture f
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -25,7 +27,10 @@ def _forward(model_dir: str, photos: np.ndarray):
   info, variables = load_model(model_dir)
   module, _ = info.create(dtype=jnp.float32)
   x = jnp.asarray(photos, jnp.float32) / 255.0
-  logits, state = module.apply(variables, x, train=False, mutable=['intermediates'])
+  # One compiled program; applied op by op, a Swin-L compiles hundreds of small ones.
+  apply = jax.jit(lambda v, images: module.apply(v, images, train=False,
+                                                 mutable=['intermediates']))
+  logits, state = apply(variables, x)
   return info, module, variables, np.asarray(logits), state['intermediates']
 
 
@@ -67,7 +72,7 @@ def attention_pictures(config: ml_collections.ConfigDict, teacher_dir: str, stud
     raise ValueError('no attention pair of config.loss.attention.pairs compares maps '
                      "(distance 'feature' pairs have no map to picture)")
   guesses = [s_info.labels[i] if s_info.labels else str(i) for i in s_logits.argmax(-1)]
-  captions = [f'{names[y]} / student: {g}' for y, g in zip(labels, guesses, strict=True)]
+  captions = [f'true: {names[y]}\nstudent: {g}' for y, g in zip(labels, guesses, strict=True)]
   return s_photos, maps, captions
 
 
@@ -94,7 +99,8 @@ def attention_grid(photos: np.ndarray, maps: Mapping[str, tuple[np.ndarray, np.n
   for row in range(n):
     axes[row, 0].imshow(photos[row])
     if captions:
-      axes[row, 0].set_title(captions[row].replace('___', ' '), fontsize=6)
+      lines = [textwrap.shorten(x.replace('___', ' '), 30) for x in captions[row].splitlines()]
+      axes[row, 0].set_title('\n'.join(lines), fontsize=6)
     for j, (name, (student, teacher)) in enumerate(sorted(maps.items())):
       for k, (who, m) in enumerate((('teacher', teacher), ('student', student))):
         ax = axes[row, 1 + 2 * j + k]

@@ -48,7 +48,7 @@ def learning_curves(runs: Mapping[str, str], title: str = ''):
   for name, workdir in runs.items():
     steps, loss = series(workdir, 'train/loss')
     if steps:
-      loss_ax.plot(steps, loss, label=name)
+      loss_ax.plot(steps, loss, label=name, marker='.' if len(steps) < 30 else None)
       drawn += 1
     steps, top1 = series(workdir, 'val/top1')
     if steps:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -32,12 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import traverse_util
 
+from kdflax import atomic
 from kdflax.distill.objective import ModelLayout, Objective
 from kdflax.models import complexity, registry
 from kdflax.models.init import init_variables
 from kdflax.train import checkpoint as model_io
 from kdflax.train.checkpoint import BEST_MODEL_DIR
-from kdflax.train.loop import LoopOptions, ModelDescription, fit
+from kdflax.train.loop import RESULTS_FILE, LoopOptions, ModelDescription, fit
 from kdflax.train.optim import make_optimizer
 from kdflax.train.state import create_train_state
 from kdflax.train.step import data_mesh, make_eval_step, make_train_step, replicate
@@ -353,6 +356,11 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
     The loop summary plus `model_dir` (the best model), `params`, `gmacs`, and
     `corrupt_images` (how many unreadable images the train stream skipped).
   """
+  fingerprint = stage_fingerprint(config, stage, teacher_dir)
+  finished = finished_summary(workdir, fingerprint)
+  if finished is not None and stop_after <= 0:
+    log_fn(f'[{stage}] already finished in {workdir} (same config); not rebuilt')
+    return finished
   setup = prepare_stage(config, stage, teacher_dir, log_fn, stop_after)
   desc, cost = setup.description, setup.cost
   log_fn(f'[{stage}] {desc.name} at {desc.image_size}px, {desc.num_classes} classes, '
@@ -380,7 +388,40 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   summary.update(stage=stage, model=desc.name, params=cost['params'], gmacs=cost['gmacs'],
                  corrupt_images=corrupt,
                  model_dir=os.path.join(os.path.abspath(workdir), BEST_MODEL_DIR))
+  if not summary.get('stopped_early') and jax.process_index() == 0:
+    atomic.write_json(os.path.join(workdir, RESULTS_FILE),
+                      {**summary, 'fingerprint': fingerprint})
   return summary
+
+
+def stage_fingerprint(config: ml_collections.ConfigDict, stage: str,
+                      teacher_dir: str | None) -> str:
+  """A hash of everything that decides a stage's result (not `export`, not logging)."""
+  sections = config.to_dict()
+  sections.pop('export', None)
+  sections.pop('distributed', None)
+  for train in (sections['train'], sections['teacher']['train']):
+    for key in ('progress', 'log_every'):
+      train.pop(key, None)
+  text = json.dumps({'stage': stage, 'teacher_dir': teacher_dir or '', 'config': sections},
+                    sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finished_summary(workdir: str, fingerprint: str) -> dict[str, Any] | None:
+  """The stored summary of a stage that finished in `workdir` with this config, else None."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None
+  done = (summary.get('fingerprint') == fingerprint and 'final' in summary
+          and os.path.isdir(os.path.join(workdir, BEST_MODEL_DIR)))
+  if not done:
+    return None
+  summary.pop('fingerprint')
+  return {**summary, 'model_dir': os.path.join(os.path.abspath(workdir), BEST_MODEL_DIR)}
 
 
 def _json_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
