@@ -92,3 +92,27 @@ def test_notebook_runs_every_cell_on_mock_data(tmp_path, monkeypatch, capsys):
   assert (run / 'figures' / 'learning_curves.png').stat().st_size > 0
   assert (run / 'figures' / 'attention.png').stat().st_size > 0
   assert list((run / 'export').glob('*_int8.tflite'))
+
+
+def _statements(text: str) -> list[str]:
+  """Python statements of a code block, each joined onto one whitespace-normalised line."""
+  out, current = [], ''
+  for line in text.splitlines():
+    current = f'{current} {line.strip()}' if current else line.strip()
+    if current and current.count('(') == current.count(')'):
+      out.append(' '.join(current.split()))
+      current = ''
+  return out
+
+
+def test_readme_colab_section_shows_the_notebooks_commands():
+  readme = (ROOT / 'README.md').read_text()
+  section = readme.split('## Colab TPU (or one GPU)', 1)[1].split('\n## ', 1)[0]
+  assert 'notebooks/colab_tpu.ipynb' in section
+  block = section.split('```python', 1)[1].split('```', 1)[0]
+  notebook = {s for c in _load()['cells'] if c['cell_type'] == 'code'
+              for s in _statements(_source(c))}
+  shown = [s for s in _statements(block) if s.startswith(('!', '%', 'kdflax(', 'CONFIG', 'RUN'))]
+  assert len(shown) >= 12
+  missing = [s for s in shown if s not in notebook]
+  assert not missing, f'README Colab lines not in the notebook: {missing}'
