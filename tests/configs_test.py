@@ -7,8 +7,9 @@ import pytest
 
 from kdflax.distill.objective import Objective
 from kdflax.models import complexity, create_model
+from kdflax.models.layout import layout_of
 from kdflax.train.config import ConfigError, load_config, save_config
-from kdflax.train.stages import intermediates_shapes, model_layout, stage_loss_config
+from kdflax.train.stages import intermediates_shapes, stage_loss_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -27,7 +28,7 @@ def test_config_pairings_fit_the_models(path):
   student, s_shapes = _model(config.model)
   teacher, t_shapes = _model(config.teacher)
   objective = Objective(stage_loss_config(config, 'distill'), t_shapes, s_shapes,
-                        model_layout(teacher), model_layout(student))
+                        layout_of(teacher), layout_of(student))
   for pair, (s_shape, t_shape) in objective.compared_shapes.items():
     assert s_shape[1:] == t_shape[1:] or pair.startswith('manifold'), (pair, s_shape, t_shape)
 

@@ -15,7 +15,8 @@ from helpers.tiny_models import TinyCNN, TinyTeacher
 from kdflax.distill.objective import Objective, default_loss_config
 from kdflax.models import create_model
 from kdflax.models.init import init_variables
-from kdflax.train.stages import intermediates_shapes, model_layout
+from kdflax.models.layout import layout_of
+from kdflax.train.stages import intermediates_shapes
 from kdflax.train.state import create_train_state
 from kdflax.train.step import data_mesh, make_eval_step, make_train_step, replicate
 
@@ -37,8 +38,8 @@ def test_eight_devices_match_one_device():
 
 def _objective(config, student, s_vars, teacher, t_vars, size):
   return Objective(config, intermediates_shapes(teacher, t_vars, size),
-                   intermediates_shapes(student, s_vars, size), model_layout(teacher),
-                   model_layout(student))
+                   intermediates_shapes(student, s_vars, size), layout_of(teacher),
+                   layout_of(student))
 
 
 def _batch(size, n=8, classes=5, seed=0):

@@ -182,7 +182,8 @@ def given_teacher_step(config, setup):
   import jax
 
   from kdflax.distill.objective import Objective
-  from kdflax.train.stages import intermediates_shapes, model_layout, stage_loss_config
+  from kdflax.models.layout import layout_of
+  from kdflax.train.stages import intermediates_shapes, stage_loss_config
   from kdflax.train.step import batch_sharding, make_train_step, replicated
 
   grids = student_grids(setup)
@@ -192,7 +193,7 @@ def given_teacher_step(config, setup):
   objective = Objective(
       stage_loss_config(config, 'distill'), teacher_shapes,
       intermediates_shapes(setup.module, variables, setup.description.image_size),
-      student_layout=model_layout(setup.module))
+      student_layout=layout_of(setup.module))
 
   def step(state, batch):
     t_inter = {f'stage{i}': (batch[f'teacher_stage{i}'],) for i in range(NUM_STAGES)}

@@ -98,6 +98,7 @@ import ml_collections
 from kdflax.distill import attention as attn_lib
 from kdflax.distill import losses
 from kdflax.distill import manifold as manifold_lib
+from kdflax.models.layout import ModelLayout
 
 Array = jax.Array
 
@@ -143,40 +144,14 @@ def first_last_pairs(num_teacher_blocks: int, num_student_blocks: int, first: in
           for t, s in zip(t_ids, s_ids, strict=True)}
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelLayout:
-  """Static per-model facts the objective needs to read intermediates.
-
-  Attributes:
-    window_attention: intermediates key -> Swin `(height, width, window, shift)` (e.g. from
-      `module.attention_layout()` mapped onto the `stage{i}_attn` keys).
-    num_prefix_tokens: class/distillation tokens before the patch tokens in `(B, P + N, C)`.
-    token_grid: `(h, w)` of the patch tokens when `N` is not a square.
-  """
-
-  window_attention: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
-  num_prefix_tokens: int = 0
-  token_grid: tuple[int, int] | None = None
-
-  @classmethod
-  def create(cls, layout: ModelLayout | Mapping[str, Any] | None, role: str) -> ModelLayout:
-    if layout is None:
-      return cls()
-    if isinstance(layout, cls):
-      return layout
-    if not isinstance(layout, Mapping):
-      raise ValueError(f'{role}_layout must be a ModelLayout or a dict, got {type(layout)}')
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(layout) - known)
-    if unknown:
-      raise ValueError(f'{role}_layout: unknown key(s) {unknown}; expected {sorted(known)}')
-    out = cls(**layout)
-    for key, value in out.window_attention.items():
-      try:
-        attn_lib.window_grid(value)
-      except (TypeError, ValueError) as e:
-        raise ValueError(f'{role}_layout.window_attention[{key!r}]: {e}') from None
-    return out
+def _checked_layout(layout: ModelLayout | Mapping[str, Any] | None, role: str) -> ModelLayout:
+  out = ModelLayout.create(layout, role)
+  for key, value in out.window_attention.items():
+    try:
+      attn_lib.window_grid(value)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'{role}_layout.window_attention[{key!r}]: {e}') from None
+  return out
 
 
 def _unwrap_value(value: Any) -> Any:
@@ -315,8 +290,8 @@ class Objective:
     self.config = _check_schema(config)
     self.teacher_shapes = {k: tuple(v.shape) for k, v in _unwrap(teacher_shapes).items()}
     self.student_shapes = {k: tuple(v.shape) for k, v in _unwrap(student_shapes).items()}
-    self.teacher_layout = ModelLayout.create(teacher_layout, 'teacher')
-    self.student_layout = ModelLayout.create(student_layout, 'student')
+    self.teacher_layout = _checked_layout(teacher_layout, 'teacher')
+    self.student_layout = _checked_layout(student_layout, 'student')
     self._check_scalars()
     self.attention_pairs = self._build_pairs('attention')
     self.manifold_pairs = self._build_pairs('manifold')

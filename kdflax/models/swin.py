@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdflax.models.layout import ModelLayout
 from kdflax.models.preprocess import normalize
 
 LAYER_NORM_EPS = 1e-5  # PyTorch's default; Flax's is 1e-6.
@@ -39,6 +40,11 @@ _conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
 # ---------------------------------------------------------------- static layout helpers
+
+
+def attention_key(stage: int) -> str:
+  """The intermediates key of stage `stage`'s window attention (last block), `stage{i}_attn`."""
+  return f'stage{stage}_attn'
 
 
 def stage_grid_sizes(img_size: int, patch_size: int, num_stages: int) -> tuple[int, ...]:
@@ -370,6 +376,11 @@ class SwinTransformer(nn.Module):
       layout.append((grid, grid, window, shift))
     return tuple(layout)
 
+  def distill_layout(self) -> ModelLayout:
+    """`stage{i}_attn` is window attention laid out as `attention_layout()[i]`."""
+    return ModelLayout(window_attention={
+        attention_key(i): layout for i, layout in enumerate(self.attention_layout())})
+
   def _drop_path_rates(self) -> list[tuple[float, ...]]:
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))  # one block: [0.0]
     out, start = [], 0
@@ -405,7 +416,7 @@ class SwinTransformer(nn.Module):
           attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate,
           dtype=self.dtype, param_dtype=self.param_dtype, name=f'layers_{i}')(x, train)
       self.sow('intermediates', f'stage{i}', x)
-      self.sow('intermediates', f'stage{i}_attn', attn)
+      self.sow('intermediates', attention_key(i), attn)
 
     x = _layer_norm('norm', self.dtype, self.param_dtype)(x)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from kdflax.models.layout import ModelLayout
 from kdflax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 LN_EPS = 1e-6
@@ -143,6 +144,11 @@ class VisionTransformer(nn.Module):
   def grid_size(self) -> int:
     """Patch tokens per side: the token grid is `grid_size x grid_size`."""
     return self.img_size // self.patch_size
+
+  def distill_layout(self) -> ModelLayout:
+    """`block{i}` tokens: `num_prefix_tokens` first, then a `grid_size` square grid."""
+    return ModelLayout(num_prefix_tokens=self.num_prefix_tokens,
+                       token_grid=(self.grid_size, self.grid_size))
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:

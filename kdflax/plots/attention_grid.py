@@ -49,8 +49,9 @@ def attention_pictures(config: ml_collections.ConfigDict, teacher_dir: str, stud
   """
   from kdflax.data.photos import split_photos
   from kdflax.distill.objective import Objective
+  from kdflax.models.layout import layout_of
   from kdflax.train.checkpoint import read_model_info
-  from kdflax.train.stages import intermediates_shapes, model_layout, stage_loss_config
+  from kdflax.train.stages import intermediates_shapes, stage_loss_config
 
   loss = stage_loss_config(config, 'distill')
   if not loss['attention']['pairs']:
@@ -64,8 +65,8 @@ def attention_pictures(config: ml_collections.ConfigDict, teacher_dir: str, stud
   s_info, s_module, s_vars, s_logits, s_int = _forward(student_dir, s_photos)
   objective = Objective(loss, intermediates_shapes(t_module, t_vars, sizes[0]),
                         intermediates_shapes(s_module, s_vars, sizes[1]),
-                        teacher_layout=model_layout(t_module),
-                        student_layout=model_layout(s_module))
+                        teacher_layout=layout_of(t_module),
+                        student_layout=layout_of(s_module))
   maps = {name: tuple(np.asarray(m, np.float32) for m in pair)
           for name, pair in objective.attention_maps(s_int, t_int).items()}
   if not maps:

@@ -35,9 +35,10 @@ import ml_collections
 from flax import traverse_util
 
 from kdflax import atomic
-from kdflax.distill.objective import ModelLayout, Objective
+from kdflax.distill.objective import Objective
 from kdflax.models import complexity, registry
 from kdflax.models.init import init_variables
+from kdflax.models.layout import layout_of
 from kdflax.train import checkpoint as model_io
 from kdflax.train.checkpoint import BEST_MODEL_DIR
 from kdflax.train.loop import RESULTS_FILE, LoopOptions, ModelDescription, fit
@@ -96,18 +97,6 @@ def stage_loss_config(config: ml_collections.ConfigDict, stage: str) -> dict[str
              for name, section in loss.items()}
   ce_only['ce'] = {**loss['ce'], 'weight': 1.0}
   return ce_only
-
-
-def model_layout(module) -> ModelLayout:
-  """Static facts the objective needs about a model's intermediates."""
-  window = {}
-  if hasattr(module, 'attention_layout'):
-    window = {f'stage{i}_attn': tuple(layout)
-              for i, layout in enumerate(module.attention_layout())}
-  prefix = int(getattr(module, 'num_prefix_tokens', 0) or 0)
-  grid = getattr(module, 'grid_size', None)
-  grid = (grid, grid) if isinstance(grid, int) else (tuple(grid) if grid else None)
-  return ModelLayout(window_attention=window, num_prefix_tokens=prefix, token_grid=grid)
 
 
 def intermediates_shapes(module, variables: Any, image_size: int) -> dict[str, Any]:
@@ -294,8 +283,8 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
       stage_loss_config(config, stage),
       intermediates_shapes(teacher, teacher_vars, teacher_size) if teacher else None,
       intermediates_shapes(module, variables, trained.image_size),
-      teacher_layout=model_layout(teacher) if teacher else None,
-      student_layout=model_layout(module))
+      teacher_layout=layout_of(teacher) if teacher else None,
+      student_layout=layout_of(module))
   adapter_params = objective.init(jax.random.fold_in(key, 1))
   if cache is not None:
     _check_teacher_cache(cache, config, info, teacher_vars, teacher_size, data, objective,

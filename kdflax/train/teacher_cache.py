@@ -373,6 +373,7 @@ def build_cache(config: ml_collections.ConfigDict, out: str, teacher_dir: str | 
   from kdflax.data.plan import MAX_VIEWS
   from kdflax.distill.objective import Objective
   from kdflax.models import complexity, registry
+  from kdflax.models.layout import layout_of
   from kdflax.train import stages
   from kdflax.train.loop import to_global
   from kdflax.train.step import data_mesh, replicate
@@ -399,7 +400,7 @@ def build_cache(config: ml_collections.ConfigDict, out: str, teacher_dir: str | 
       stages.stage_loss_config(config, 'distill'),
       stages.intermediates_shapes(teacher, variables, teacher_size),
       stages.intermediates_shapes(student, student_vars, student_size),
-      teacher_layout=stages.model_layout(teacher), student_layout=stages.model_layout(student))
+      teacher_layout=layout_of(teacher), student_layout=layout_of(student))
   teacher_id = teacher_identity(info, variables_digest(variables))
   fingerprint = expected_fingerprint(config, teacher_id, teacher_size, student_size,
                                      objective, data.train_records, labels, views)
