@@ -188,7 +188,7 @@ class _Checker:
   def pairs(self, pairs: Any, dotted: str) -> None:
     """`name -> {teacher, student, ...}` (or a list of pairs): each pair's keys and types."""
     from kdflax.distill import objective  # the pair schema lives with the objective
-    schema = objective._ATTENTION_PAIR if 'attention' in dotted else objective._MANIFOLD_PAIR
+    schema = objective.pair_defaults('attention' if 'attention' in dotted else 'manifold')
     items = enumerate(pairs) if isinstance(pairs, (list, tuple)) else pairs.items()
     for name, pair in items:
       where = f'{dotted}.{name}'
