@@ -65,7 +65,7 @@ from kdflax.models.depthwise import reference_form
 PRECISIONS = ('fp32', 'fp16', 'int8')
 INPUT_TYPES = ('uint8', 'float32')
 # JAX primitives the TFLite converter turns into float-only polynomials: at int8 they convert,
-# then the interpreter aborts the process (see DESIGN.md), so they are refused up front.
+# then the interpreter aborts the process (docs/export.md), so they are refused up front.
 INT8_BLOCKERS = {
     'erf': 'erf (exact GELU)',
     'erfc': 'erfc (exact GELU)',
