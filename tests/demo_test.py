@@ -2,7 +2,8 @@
 
 import json
 
-from kdflax.commands import demo, matrix
+from kdflax.commands import demo
+from kdflax.pipeline import matrix
 
 
 def _rows(base, dist):

@@ -14,8 +14,9 @@ LAYERS = {
     'train': 4,
     'export': 5,
     'plots': 6,
-    'commands': 7,
-    'cli': 8,
+    'pipeline': 7,
+    'commands': 8,
+    'cli': 9,
 }
 
 

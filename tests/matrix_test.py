@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from kdflax.commands import matrix
+from kdflax.pipeline import matrix
 from kdflax.train.config import base_config, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,7 +20,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kdflax.commands import info, pipeline
+from kdflax.commands import info
+from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.train.config import load_config, save_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 TIMED = ('mobilenetv3_small_050', 'mobilenetv3_small_100', 'mobilenetv3_large_100')
@@ -64,16 +66,20 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog='kdflax demo', description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', default=os.path.join('runs', 'demo'))
   parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'quickstart.py'))
-  args, rest = parser.parse_known_args(argv[1:])
+  args, rest = parse_with_overrides(parser, argv[1:])
   photos = sorted(glob.glob(os.path.join(info.SAMPLE_DIR, '*', '*.jpg')))[::15][:3]
   print('== kdflax models (1000 classes; CPU ms/image measured on bundled leaf photos)')
   rows = [info.describe(name, 1000, True, photos) for name in TIMED]
   rows += [info.describe(name, 1000, False, photos) for name in LISTED]
   print(info.format_table(rows), flush=True)
   print(f'\n== pipeline: {os.path.relpath(args.config, ROOT)} -> {args.workdir}', flush=True)
-  results: list[dict[str, Any]] = []
-  code = pipeline.main(['pipeline', '--config', args.config, '--workdir', args.workdir, *rest],
-                       rows_out=results)
-  if code == 0:
+
+  def run() -> int:
+    from kdflax.pipeline.run import run_pipeline
+    config = load_config(args.config, rest)
+    save_config(config, args.workdir)
+    results = run_pipeline(config, args.workdir)
     print(f'\n== {verdict(results)} (one seed; {seeds_note()})')
-  return code
+    return 0
+
+  return run_reporting_errors('demo', run)

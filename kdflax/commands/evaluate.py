@@ -12,34 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax.numpy as jnp
-
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
 from kdflax.train.config import load_config
-
-
-def evaluate_model_dir(model_dir: str, config, split: str | None = None) -> dict:
-  """Loads `model_dir` and evaluates it on `config.data` (`split` or its eval split)."""
-  from kdflax.data.pipeline import make_datasets
-  from kdflax.train import checkpoint as model_io
-  from kdflax.train.loop import evaluate
-  from kdflax.train.step import data_mesh, make_eval_step, replicate
-
-  info, variables = model_io.load_model(model_dir)
-  config = config.copy_and_resolve_references()
-  if split:
-    config.data.eval_split = split
-  if not config.data.eval_split:
-    raise ValueError('config.data.eval_split is empty: name a split with --split')
-  data = make_datasets(config.data, image_size=info.image_size)
-  if len(data.labels) != info.num_classes:
-    raise ValueError(f'{model_dir} has {info.num_classes} classes but the data has '
-                     f'{len(data.labels)}')
-  module, _ = info.create(dtype=jnp.float32)
-  mesh = data_mesh()
-  metrics = evaluate(make_eval_step(module, mesh), replicate(variables, mesh), data.eval(), mesh)
-  return {'model': info.model, 'model_dir': model_dir, 'split': config.data.eval_split,
-          **metrics}
 
 
 def main(argv: list[str]) -> int:
@@ -51,6 +25,7 @@ def main(argv: list[str]) -> int:
 
   def run() -> int:
     from kdflax.train.checkpoint import resolve_model_dir
+    from kdflax.train.evaluation import evaluate_model_dir
     config = load_config(args.config, rest)
     result = evaluate_model_dir(resolve_model_dir(args.model), config, args.split)
     print(json.dumps(result))

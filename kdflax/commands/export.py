@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from kdflax.data.photos import to_model_labels
 from kdflax.export.model_metadata import OUTPUTS
 from kdflax.export.tflite import INPUT_TYPES, PRECISIONS
 
@@ -122,17 +123,6 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     p.error(f'--out {args.out}: expected a FILE.tflite path')
   if len(set(args.precision)) != len(args.precision):
     p.error('--precision lists a precision twice')
-
-
-def to_model_labels(idx: np.ndarray, classes: tuple[str, ...], labels: tuple[str, ...],
-                    where: str) -> np.ndarray:
-  """Class indices of `classes` -> indices of the model's `labels` (unchanged without labels)."""
-  if not labels:
-    return np.asarray(idx, np.int32)
-  missing = [c for c in classes if c not in labels]
-  if missing:
-    raise ValueError(f'{where}: classes {missing} are not among the model labels {list(labels)}')
-  return np.asarray([labels.index(classes[i]) for i in idx], np.int32)
 
 
 def _eval_set(folder: str, size: int, limit: int, labels: tuple[str, ...]

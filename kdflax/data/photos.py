@@ -129,3 +129,14 @@ def save_split_photos(data_config: ml_collections.ConfigDict, split: str, folder
         f.write(blob)
     written.append(path)
   return written
+
+
+def to_model_labels(idx: np.ndarray, classes: tuple[str, ...], labels: tuple[str, ...],
+                    where: str) -> np.ndarray:
+  """Class indices of `classes` -> indices of the model's `labels` (unchanged without labels)."""
+  if not labels:
+    return np.asarray(idx, np.int32)
+  missing = [c for c in classes if c not in labels]
+  if missing:
+    raise ValueError(f'{where}: classes {missing} are not among the model labels {list(labels)}')
+  return np.asarray([labels.index(classes[i]) for i in idx], np.int32)
