@@ -16,7 +16,7 @@ import pytest
 
 from kdflax.train import checkpoint as model_io
 from kdflax.train.loop import CHECKPOINT_DIR
-from kdflax.train.metrics import read_metrics
+from kdflax.train.metrics import read_metrics, truncate_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')
@@ -77,6 +77,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tmp_path):
   for a, b in zip(_variables(os.path.join(reference, 'model_final')),
                   _variables(os.path.join(killed, 'model_final')), strict=True):
     np.testing.assert_array_equal(a, b)
+  # One metrics line per step across the resume, the same steps as the uninterrupted run.
+  with open(os.path.join(killed, 'metrics.jsonl')) as f:
+    raw = [json.loads(line) for line in f]
+  steps = [r['step'] for r in raw if 'train/loss' in r]
+  assert steps == sorted(set(steps)) == [r['step'] for r in read_metrics(reference)
+                                         if 'train/loss' in r]
 
 
 def _free_port() -> int:
@@ -119,11 +125,24 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
                  if s.isdigit())
   assert steps and steps[-1] < 12
+  assert f'the last good checkpoint (step {steps[-1]}) is kept' in lines[0]
   from kdflax.train.loop import checkpoint_manager
   restored = checkpoint_manager(workdir, 2).restore(steps[-1])
   floats = [np.asarray(x) for x in jax.tree.leaves(restored)
             if np.issubdtype(np.asarray(x).dtype, np.floating)]
   assert floats and all(np.all(np.isfinite(x)) for x in floats)
+
+
+def test_nan_guard_before_any_checkpoint_says_so(tmp_path):
+  workdir = str(tmp_path / 'nan0')
+  proc = run('student', '--config', CONFIG, '--workdir', workdir,
+             '--config.optim.name=sgd', '--config.optim.learning_rate=1e30',
+             '--config.optim.grad_clip_norm=0', '--config.optim.warmup_steps=0',
+             '--config.train.checkpoint_every=50')
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('kdflax')]
+  assert len(lines) == 1 and 'no checkpoint was written yet' in lines[0], lines
+  assert 'step None' not in lines[0]
 
 
 @pytest.mark.parametrize('args, message', [
@@ -163,6 +182,16 @@ def test_bfloat16_compute_with_mixup_soft_labels(tmp_path):
   assert all(x.dtype == np.float32 and np.all(np.isfinite(x)) for x in leaves)
   records = read_metrics(workdir)
   assert [r['step'] for r in records if 'train/loss' in r] == [1, 2, 3]
+
+
+def test_truncate_metrics_drops_what_a_resume_logs_again(tmp_path):
+  lines = [json.dumps({'step': s, 'train/loss': 1.0}) for s in (1, 2, 3, 4)]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 5, "tra')  # cut
+  truncate_metrics(str(tmp_path), 2)
+  assert [r['step'] for r in read_metrics(str(tmp_path))] == [1, 2]
+  truncate_metrics(str(tmp_path), 9)
+  assert [r['step'] for r in read_metrics(str(tmp_path))] == [1, 2]
+  truncate_metrics(str(tmp_path / 'absent'), 0)  # no file: nothing to do
 
 
 def test_read_metrics_keeps_the_records_of_a_resumed_run(tmp_path):

@@ -18,7 +18,7 @@ import json
 
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
 from kdflax.train.checkpoint import resolve_model_dir
-from kdflax.train.config import load_config, save_config
+from kdflax.train.config import load_config
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -42,7 +42,6 @@ def main(argv: list[str]) -> int:
     from kdflax.train.stages import run_stage
     config = load_config(args.config, overrides)
     teacher_dir = resolve_model_dir(getattr(args, 'teacher_workdir', None))
-    save_config(config, args.workdir)
     summary = run_stage(config, args.workdir, command, teacher_dir=teacher_dir)
     print(json.dumps({k: summary[k] for k in ('stage', 'model', 'step', 'best', 'final',
                                              'model_dir') if k in summary}, indent=2))

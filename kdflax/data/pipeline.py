@@ -45,6 +45,7 @@ from kdflax.data import transforms
 from kdflax.data.config import check_data_config
 from kdflax.data.plan import MixOptions, TrainPlan, eval_indices, view_seeds
 from kdflax.data.records import Records
+from kdflax.data.sanity import check_splits
 from kdflax.data.sources import FolderSource, TfdsSource
 
 log = logging.getLogger(__name__)
@@ -436,6 +437,10 @@ class Datasets:
     self._eval_records = source.records(config.eval_split) if config.eval_split else None
     self.num_train = len(self._train_records)
     self.num_eval = len(self._eval_records) if self._eval_records is not None else 0
+    where = config.root if config.source == 'folder' else f'tfds:{config.name}'
+    for message in check_splits(self.labels, self._train_records, self._eval_records, where,
+                                check_overlap=process_index == 0):
+      log.warning('kdflax.data: %s', message)
     self.batch_size = config.batch_size
     self.eval_batch_size = config.eval_batch_size or config.batch_size
     mix = MixOptions(config.mixup_alpha, config.cutmix_alpha, config.mix_prob,

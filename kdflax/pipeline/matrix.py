@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kdflax import atomic
-from kdflax.train.config import save_config
 
 # Method -> the loss terms switched on (all others get weight 0).
 METHODS: dict[str, tuple[str, ...]] = {
@@ -92,7 +91,6 @@ def run_row(config, workdir: str, method: str, seed: int, teacher_dir: str,
   row_config = method_config(config, method, seed)
   name = f'{method}_s{seed}'
   run_dir = os.path.join(workdir, name)
-  save_config(row_config, run_dir)
   start = time.perf_counter()
   if method == 'baseline':
     summary = run_stage(row_config, run_dir, 'student', log_fn=log)

@@ -29,8 +29,10 @@ wrong type or out of range is a one-line `ConfigError` naming the file and the k
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
+import time
 from collections.abc import Sequence
 
 import ml_collections
@@ -42,6 +44,7 @@ from kdflax.train.config_check import ConfigError, check_config, check_schema, g
 from kdflax.train.optim import default_optim_config
 
 RESOLVED_CONFIG = 'config.json'
+CONFIG_HISTORY = 'config_history.jsonl'
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -205,8 +208,17 @@ def _load_without_overrides(path: str) -> ml_collections.ConfigDict:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the resolved config to `workdir/config.json` (atomically); returns the path."""
+  """Writes the resolved config to `workdir/config.json` (atomically); returns the path.
+
+  Each call also appends `{"time", "config"}` to `workdir/config_history.jsonl`, so a resume
+  with other settings (or a run stopped by the NaN guard) never hides the config an earlier
+  part of the run used.
+  """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, RESOLVED_CONFIG)
-  atomic.write_text(path, config.to_json_best_effort(indent=2, sort_keys=True))
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  entry = json.dumps({'time': round(time.time(), 3), 'config': json.loads(text)})
+  with open(os.path.join(workdir, CONFIG_HISTORY), 'a') as f:
+    f.write(entry + '\n')
+  atomic.write_text(path, text)
   return path

@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from kdflax import atomic
 from kdflax.train import checkpoint as model_io
 from kdflax.train.checkpoint import BEST_MODEL_DIR, FINAL_MODEL_DIR
-from kdflax.train.metrics import MetricWriter
+from kdflax.train.metrics import MetricWriter, truncate_metrics
 from kdflax.train.state import TrainState
 from kdflax.train.step import batch_sharding
 
@@ -160,13 +160,15 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_va
     NonFiniteLossError: the loss became NaN/Inf (nothing is saved from that point on).
   """
   is_main = jax.process_index() == 0
-  own_writer = writer is None
-  writer = writer or MetricWriter(workdir, enabled=is_main)
   eval_every = options.eval_every or options.steps_per_epoch
   ckpt_every = options.checkpoint_every or options.steps_per_epoch
   manager = checkpoint_manager(workdir, options.keep_checkpoints)
   state = restore_latest(manager, state)
   start = int(jax.device_get(state.step))
+  if is_main:  # steps logged after the checkpoint we resume from are logged again
+    truncate_metrics(workdir, start)
+  own_writer = writer is None
+  writer = writer or MetricWriter(workdir, enabled=is_main)
   results_path = os.path.join(workdir, RESULTS_FILE)
   best = _read_json(results_path).get('best', {}) if start > 0 else {}
   if start > 0:
@@ -191,11 +193,13 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_va
         pending = []
         mean = {f'train/{k}': float(np.mean([h[k] for h in host])) for k in host[0]}
         if not _is_finite(mean):
+          good = manager.latest_step()
+          kept = (f'the last good checkpoint (step {good}) is kept in '
+                  f'{os.path.join(workdir, CHECKPOINT_DIR)}' if good is not None else
+                  'no checkpoint was written yet (a re-run starts from step 0)')
           raise NonFiniteLossError(
               f'non-finite training metrics at step {step}: '
-              f'{ {k: v for k, v in mean.items() if not math.isfinite(v)} }; stopped, the last '
-              f'good checkpoint (step {manager.latest_step()}) is kept in '
-              f'{os.path.join(workdir, CHECKPOINT_DIR)}')
+              f'{ {k: v for k, v in mean.items() if not math.isfinite(v)} }; stopped, {kept}')
         now = time.perf_counter()
         mean['train/images_per_sec'] = images / max(now - t_last, 1e-9)
         images, t_last = 0, now

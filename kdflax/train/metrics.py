@@ -5,8 +5,9 @@
     writer.close()
 
 Each `write` appends one JSON line `{"step": s, "time": unix_seconds, key: value, ...}` and the
-same scalars to TensorBoard (tensorboardX). On resume the JSON file is appended to, so it holds
-the whole run.
+same scalars to TensorBoard (tensorboardX). On resume from the checkpoint of step c the loop
+first drops the records after step c (`truncate_metrics`: those steps are trained and logged
+again), then appends, so the file holds the whole run with one record per step and metric.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from kdflax import atomic
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -88,10 +91,31 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     for line in f:
       if not line.strip():
         continue
-      record = json.loads(line)
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # a line cut by a crash mid-write
       step, keys = record['step'], set(record) - {'step', 'time'}
       if any(r['step'] > step or (r['step'] == step and keys & set(r) - {'step', 'time'})
              for r in kept[-64:]):
         kept = [r for r in kept if r['step'] < step]
       kept.append(record)
   return kept
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+  """Drops the records after `step` from `workdir/metrics.jsonl` (atomically; no-op if none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        keep.append(line if line.endswith('\n') else line + '\n')
+    except (ValueError, KeyError, TypeError):
+      continue  # a line cut by a crash mid-write
+  if len(keep) != len(lines):
+    atomic.write_text(path, ''.join(keep))

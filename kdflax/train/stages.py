@@ -41,6 +41,7 @@ from kdflax.models.init import init_variables
 from kdflax.models.layout import layout_of
 from kdflax.train import checkpoint as model_io
 from kdflax.train.checkpoint import BEST_MODEL_DIR
+from kdflax.train.config import save_config
 from kdflax.train.loop import RESULTS_FILE, LoopOptions, ModelDescription, fit
 from kdflax.train.optim import make_optimizer
 from kdflax.train.state import create_train_state
@@ -351,6 +352,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
     log_fn(f'[{stage}] already finished in {workdir} (same config); not rebuilt')
     return finished
   setup = prepare_stage(config, stage, teacher_dir, log_fn, stop_after)
+  if jax.process_index() == 0:  # written once data, models and teacher checked out
+    save_config(config, workdir)
   desc, cost = setup.description, setup.cost
   log_fn(f'[{stage}] {desc.name} at {desc.image_size}px, {desc.num_classes} classes, '
          f'{cost["params"]:,} params, {cost["gmacs"]:.3f} GMACs; {setup.data.num_train} train '
