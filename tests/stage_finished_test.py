@@ -38,6 +38,11 @@ def test_finished_stage_is_returned_not_rebuilt_until_the_config_changes(tmp_pat
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     steps = [json.loads(line)['step'] for line in f if 'train/loss' in line]
   assert steps == [1, 2, 3]  # resumed at 2, did not start over
+  with open(os.path.join(workdir, 'config_history.jsonl')) as f:
+    history = [json.loads(line)['config']['train']['num_steps'] for line in f]
+  assert history == [2, 3]  # each start's config; the returned finished run wrote none
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['train']['num_steps'] == 3
 
 
 @pytest.mark.parametrize('damage', ['no_best_model', 'other_teacher', 'corrupt_json'])
