@@ -20,17 +20,30 @@ def parse_with_overrides(parser: argparse.ArgumentParser,
 def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
   """Runs `fn`; user-facing failures become one line on stderr and an exit code.
 
-  2: a bad config, data, teacher or path (nothing was trained); 3: training stopped on a
-  non-finite loss (the last good checkpoint is kept).
+  2: a bad config, data, teacher or path (nothing was trained), a corrupt image with
+  `on_corrupt='error'`, or a file-system error (a workdir that is a file, no permission, disk
+  full: `PATH: cause`); 3: training stopped on a non-finite loss (the last good checkpoint is
+  kept).
   """
+  from kdflax.data.pipeline import CorruptImageError
   from kdflax.train.config import ConfigError
   from kdflax.train.loop import NonFiniteLossError
   from kdflax.train.stages import StageError
   try:
     return fn()
-  except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
+  except (ConfigError, StageError, FileNotFoundError, ValueError, CorruptImageError) as e:
     print(f'kdflax {command}: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f'kdflax {command}: {os_error_line(e)}', file=sys.stderr)
     return 2
   except NonFiniteLossError as e:
     print(f'kdflax {command}: {e}', file=sys.stderr)
     return 3
+
+
+def os_error_line(e: OSError) -> str:
+  """`PATH: cause` for a file-system error (e.g. `runs/x/config.json: Not a directory`)."""
+  where = e.filename if e.filename is not None else ''
+  cause = e.strerror or str(e)
+  return f'{where}: {cause}' if where else cause

@@ -164,6 +164,10 @@ def main(argv: list[str]) -> int:
               'flips their arg-max; --allow-mismatch exports them anyway, e.g. for benchmarks)')
     print(f'kdflax export: error: {e}{hint}', file=sys.stderr)
     return 1
+  except OSError as e:
+    from kdflax.commands.common import os_error_line
+    print(f'kdflax export: error: {os_error_line(e)}', file=sys.stderr)
+    return 1
 
 
 def _photos(args: argparse.Namespace, overrides: list[str], size: int,
