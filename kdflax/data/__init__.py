@@ -10,6 +10,8 @@
 
 Modules: `config` (the `config.data` keys), `sources` (image folders, TFDS), `records` (a
 split's example table), `plan` (pure NumPy schedules: order, shards, substitutes, mixing),
-`transforms` and `randaugment` (TF image ops), `pipeline` (tf.data graphs, iterators,
-`make_datasets`), `bench` (throughput). Importing this package imports nothing heavy.
+`transforms` and `randaugment` (TF image ops), `image_table` (a split's images by row in
+tf.data), `iterators` (NumPy batches, corrupt-image bookkeeping), `pipeline` (tf.data graphs,
+`make_datasets`), `sanity` (checks at start), `eval_view` and `photos` (the served pixels),
+`bench` (throughput). Importing this package imports nothing heavy.
 """

@@ -31,10 +31,8 @@ naming the file. Throughput: `kdflax.data.bench.measure_throughput(data.train(),
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping
 
 import ml_collections
@@ -43,17 +41,15 @@ import tensorflow as tf
 
 from kdflax.data import transforms
 from kdflax.data.config import check_data_config
+from kdflax.data.image_table import ImageTable
+from kdflax.data.iterators import Batch, CorruptImageError, EvalIterator, TrainIterator
 from kdflax.data.plan import MixOptions, TrainPlan, eval_indices, view_seeds
 from kdflax.data.records import Records
 from kdflax.data.sanity import check_splits
 from kdflax.data.sources import FolderSource, TfdsSource
 
 log = logging.getLogger(__name__)
-Batch = dict[str, np.ndarray]
-
-
-class CorruptImageError(RuntimeError):
-  """A corrupt or truncated image, with `on_corrupt='error'` (or too many in a row)."""
+__all__ = ['CorruptImageError', 'Datasets', 'ImageTable', 'make_datasets', 'source_from_config']
 
 
 def hide_gpus_from_tensorflow() -> None:
@@ -62,89 +58,6 @@ def hide_gpus_from_tensorflow() -> None:
     tf.config.set_visible_devices([], 'GPU')
   except (RuntimeError, ValueError):
     pass
-
-
-# ---------------------------------------------------------------------------- image table
-
-
-class ImageTable:
-  """Reads and decodes row `i` of a `Records` table inside tf.data.
-
-  The table lives in TF resource variables (file paths, encoded bytes, or with `cache=True`
-  the decoded pixels), so a pipeline captures a handle, not a copy. `image(i)` raises a TF
-  error (which the pipeline catches) for an image that cannot be read or decoded.
-  """
-
-  def __init__(self, records: Records, cache: bool = False):
-    self.records = records
-    self.num_examples = len(records)
-    self.labels = tf.Variable(records.labels.astype(np.int32), trainable=False)
-    self._from_paths = records.paths is not None
-    blobs = records.paths if self._from_paths else records.encoded
-    self._blobs = tf.Variable(tf.constant(blobs, tf.string), trainable=False)
-    self._raw = False
-    if cache:
-      self._cache_decoded()
-
-  def _decode_row(self, index: tf.Tensor) -> tf.Tensor:
-    blob = tf.gather(self._blobs, index)
-    return transforms.decode(tf.io.read_file(blob) if self._from_paths else blob)
-
-  def _cache_decoded(self) -> None:
-    """Decodes every row once (in parallel) and keeps the pixels; failures are remembered."""
-    def row(index):
-      good = tf.data.Dataset.from_tensors(index).map(
-          lambda i: (self._decode_row(i), True)).ignore_errors()
-      bad = tf.data.Dataset.from_tensors((tf.zeros([0, 0, 3], tf.uint8), False))
-      return good.concatenate(bad).take(1)
-
-    ds = tf.data.Dataset.range(self.num_examples).interleave(
-        row, cycle_length=max(4, os.cpu_count() or 1), num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
-    raw, shapes, ok = [], [], []
-    for image, good in ds.as_numpy_iterator():
-      raw.append(image.tobytes())
-      shapes.append(image.shape)
-      ok.append(good)
-    self._blobs = tf.Variable(tf.constant(np.array(raw, dtype=object), tf.string),
-                              trainable=False)
-    self._shapes = tf.Variable(np.array(shapes, np.int32).reshape(-1, 3), trainable=False)
-    self._ok = tf.Variable(np.array(ok, bool), trainable=False)
-    self._raw = True
-
-  def image(self, index: tf.Tensor) -> tf.Tensor:
-    """`(H, W, 3)` uint8 of row `index` (a scalar int64 tensor)."""
-    if not self._raw:
-      return self._decode_row(index)
-    check = tf.debugging.Assert(tf.gather(self._ok, index), ['corrupt image at row', index])
-    with tf.control_dependencies([check]):
-      pixels = tf.io.decode_raw(tf.gather(self._blobs, index), tf.uint8)
-    image = tf.reshape(pixels, tf.gather(self._shapes, index))
-    image.set_shape([None, None, 3])
-    return image
-
-  def label(self, index: tf.Tensor) -> tf.Tensor:
-    return tf.gather(self.labels, index)
-
-  def diagnose(self, index: int) -> str:
-    """Why row `index` fails, in one line (reads and decodes it eagerly, outside tf.data)."""
-    try:
-      if self._from_paths:
-        with open(self.records.paths[index], 'rb') as f:
-          data = f.read()
-      else:
-        data = self.records.encoded[index]
-    except OSError as e:
-      return f'unreadable ({e.strerror})'
-    try:
-      transforms.decode(tf.constant(data))
-    except tf.errors.OpError as e:
-      message = re.sub(r'\{\{[^}]*\}\}\s*', '', e.message).split('[Op:')[0]
-      return message.strip().splitlines()[0] if message.strip() else type(e).__name__
-    return 'decodes here; a later transform failed on it'
-
-
-# ---------------------------------------------------------------------------- tf.data graphs
 
 
 def _options(threads: int) -> tf.data.Options:
@@ -303,98 +216,6 @@ def eval_dataset(table: ImageTable, indices: np.ndarray, views, sizes: Mapping[s
   ds = ds.batch(b, drop_remainder=True).prefetch(prefetch or tf.data.AUTOTUNE)
   ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
   return ds.with_options(_options(threads))
-
-
-# ---------------------------------------------------------------------------- iterators
-
-
-@dataclasses.dataclass
-class CorruptLog:
-  """Corrupt or unreadable images met by one iterator.
-
-  Attributes:
-    count: failed reads (a file met in several epochs counts each time).
-    keys: distinct files (source keys), in the order first met.
-  """
-
-  count: int = 0
-  keys: list[str] = dataclasses.field(default_factory=list)
-
-
-def _report_failures(corrupt: CorruptLog, table: ImageTable, rows, on_corrupt: str) -> None:
-  """Counts failed rows, logs each file once with the reason, raises for 'error'."""
-  for index in rows:
-    key = str(table.records.keys[index])
-    corrupt.count += 1
-    if key in corrupt.keys and on_corrupt != 'error':
-      continue
-    reason = table.diagnose(int(index))
-    if on_corrupt == 'error':
-      raise CorruptImageError(f"corrupt or unreadable image: {key}: {reason} "
-                              "(config.data.on_corrupt='error')")
-    corrupt.keys.append(key)
-    log.warning('kdflax.data: skipped corrupt or unreadable image %s: %s', key, reason)
-
-
-class TrainIterator:
-  """Infinite iterator of process-local train batches (dicts of NumPy arrays).
-
-  Attributes:
-    step: the step of the batch the next `next()` returns.
-    corrupt: `CorruptLog` of this iterator.
-  """
-
-  def __init__(self, dataset: tf.data.Dataset, plan: TrainPlan, table: ImageTable,
-               start_step: int, on_corrupt: str):
-    self.dataset = dataset
-    self.step = start_step
-    self.corrupt = CorruptLog()
-    self._plan, self._table, self._on_corrupt = plan, table, on_corrupt
-    self._it = dataset.as_numpy_iterator()
-
-  def __iter__(self) -> Iterator[Batch]:
-    return self
-
-  def __next__(self) -> Batch:
-    batch = next(self._it)
-    skipped = batch.pop('_skipped')
-    if skipped.any():
-      candidates = self._plan.step(self.step)['candidates']
-      bad = [i for r in np.flatnonzero(skipped) for i in candidates[r, :skipped[r]]]
-      _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
-      if (skipped >= candidates.shape[1]).any():
-        raise CorruptImageError(
-            f'{candidates.shape[1]} corrupt images in a row at step {self.step}, e.g. '
-            f'{self._table.records.keys[bad[0]]}: is the dataset broken?')
-    self.step += 1
-    return batch
-
-
-class EvalIterator:
-  """Finite iterator of process-local eval batches with `mask`; `len()` = number of steps."""
-
-  def __init__(self, dataset: tf.data.Dataset, indices: np.ndarray, table: ImageTable,
-               on_corrupt: str):
-    self.dataset = dataset
-    self.corrupt = CorruptLog()
-    self._indices, self._table, self._on_corrupt = indices, table, on_corrupt
-    self._it = dataset.as_numpy_iterator()
-    self._step = 0
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __iter__(self) -> Iterator[Batch]:
-    return self
-
-  def __next__(self) -> Batch:
-    batch = next(self._it)
-    skipped = batch.pop('_skipped')
-    if skipped.any():
-      bad = self._indices[self._step][skipped > 0]
-      _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
-    self._step += 1
-    return batch
 
 
 # ---------------------------------------------------------------------------- entry point

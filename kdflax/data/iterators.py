@@ -1,0 +1,114 @@
+"""Iterators of NumPy batches over the tf.data graphs, with the corrupt-image bookkeeping.
+
+`TrainIterator` (infinite, resumable at a step) and `EvalIterator` (every example once, with
+`mask`) count the corrupt images they meet in `CorruptLog`, log each file once, and raise
+`CorruptImageError` in `on_corrupt='error'` mode or after too many in a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from kdflax.data.image_table import ImageTable
+from kdflax.data.plan import TrainPlan
+
+log = logging.getLogger('kdflax.data.pipeline')
+Batch = dict[str, np.ndarray]
+
+
+class CorruptImageError(RuntimeError):
+  """A corrupt or truncated image, with `on_corrupt='error'` (or too many in a row)."""
+
+
+@dataclasses.dataclass
+class CorruptLog:
+  """Corrupt or unreadable images met by one iterator.
+
+  Attributes:
+    count: failed reads (a file met in several epochs counts each time).
+    keys: distinct files (source keys), in the order first met.
+  """
+
+  count: int = 0
+  keys: list[str] = dataclasses.field(default_factory=list)
+
+
+def _report_failures(corrupt: CorruptLog, table: ImageTable, rows, on_corrupt: str) -> None:
+  """Counts failed rows, logs each file once with the reason, raises for 'error'."""
+  for index in rows:
+    key = str(table.records.keys[index])
+    corrupt.count += 1
+    if key in corrupt.keys and on_corrupt != 'error':
+      continue
+    reason = table.diagnose(int(index))
+    if on_corrupt == 'error':
+      raise CorruptImageError(f"corrupt or unreadable image: {key}: {reason} "
+                              "(config.data.on_corrupt='error')")
+    corrupt.keys.append(key)
+    log.warning('kdflax.data: skipped corrupt or unreadable image %s: %s', key, reason)
+
+
+class TrainIterator:
+  """Infinite iterator of process-local train batches (dicts of NumPy arrays).
+
+  Attributes:
+    step: the step of the batch the next `next()` returns.
+    corrupt: `CorruptLog` of this iterator.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, plan: TrainPlan, table: ImageTable,
+               start_step: int, on_corrupt: str):
+    self.dataset = dataset
+    self.step = start_step
+    self.corrupt = CorruptLog()
+    self._plan, self._table, self._on_corrupt = plan, table, on_corrupt
+    self._it = dataset.as_numpy_iterator()
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self
+
+  def __next__(self) -> Batch:
+    batch = next(self._it)
+    skipped = batch.pop('_skipped')
+    if skipped.any():
+      candidates = self._plan.step(self.step)['candidates']
+      bad = [i for r in np.flatnonzero(skipped) for i in candidates[r, :skipped[r]]]
+      _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
+      if (skipped >= candidates.shape[1]).any():
+        raise CorruptImageError(
+            f'{candidates.shape[1]} corrupt images in a row at step {self.step}, e.g. '
+            f'{self._table.records.keys[bad[0]]}: is the dataset broken?')
+    self.step += 1
+    return batch
+
+
+class EvalIterator:
+  """Finite iterator of process-local eval batches with `mask`; `len()` = number of steps."""
+
+  def __init__(self, dataset: tf.data.Dataset, indices: np.ndarray, table: ImageTable,
+               on_corrupt: str):
+    self.dataset = dataset
+    self.corrupt = CorruptLog()
+    self._indices, self._table, self._on_corrupt = indices, table, on_corrupt
+    self._it = dataset.as_numpy_iterator()
+    self._step = 0
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self
+
+  def __next__(self) -> Batch:
+    batch = next(self._it)
+    skipped = batch.pop('_skipped')
+    if skipped.any():
+      bad = self._indices[self._step][skipped > 0]
+      _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
+    self._step += 1
+    return batch
