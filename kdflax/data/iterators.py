@@ -14,15 +14,13 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow as tf
 
+from kdflax.data.errors import CorruptImageError
 from kdflax.data.image_table import ImageTable
 from kdflax.data.plan import TrainPlan
 
 log = logging.getLogger('kdflax.data.pipeline')
 Batch = dict[str, np.ndarray]
-
-
-class CorruptImageError(RuntimeError):
-  """A corrupt or truncated image, with `on_corrupt='error'` (or too many in a row)."""
+__all__ = ['Batch', 'CorruptImageError', 'CorruptLog', 'EvalIterator', 'TrainIterator']
 
 
 @dataclasses.dataclass
