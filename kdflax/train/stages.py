@@ -395,7 +395,8 @@ def stage_fingerprint(config: ml_collections.ConfigDict, stage: str,
   for train in (sections['train'], sections['teacher']['train']):
     for key in ('progress', 'log_every'):
       train.pop(key, None)
-  text = json.dumps({'stage': stage, 'teacher_dir': teacher_dir or '', 'config': sections},
+  teacher = os.path.abspath(teacher_dir) if teacher_dir else ''
+  text = json.dumps({'stage': stage, 'teacher_dir': teacher, 'config': sections},
                     sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
