@@ -10,6 +10,7 @@ from PIL import Image
 
 from kdflax.data.config import default_data_config
 from kdflax.data.photos import ImageError, decode_photo, save_split_photos, split_photos, spread
+from kdflax.data.pipeline import source_from_config
 from kdflax.export.images import load_image
 
 
@@ -25,7 +26,7 @@ def test_folder_split_equals_export_images_and_covers_classes(tmp_path):
   root = fx.copy_beans(tmp_path / 'beans', {'train': 4, 'val': 2})
   c = default_data_config()
   c.update(root=str(root), eval_split='val')
-  images, labels, names = split_photos(c, 'train', 48, limit=6)
+  images, labels, names = split_photos(source_from_config(c), 'train', 48, limit=6)
   assert names == ('angular_leaf_spot', 'bean_rust', 'healthy')
   assert images.shape == (6, 48, 48, 3) and images.dtype == np.uint8
   assert sorted(set(labels.tolist())) == [0, 1, 2]  # spread over the class-sorted rows
@@ -41,7 +42,7 @@ def test_tfds_split_tomato_classes_from_encoded_bytes():
   c = default_data_config()
   c.update(source='tfds', name='plant_village', data_dir='/nonexistent')
   with tfds.testing.mock_data(as_dataset_fn=fx.fake_tfds({'train': examples})):
-    images, labels, names = split_photos(c, 'validation', 16)
+    images, labels, names = split_photos(source_from_config(c), 'validation', 16)
   assert len(names) == 10 and all(n.startswith('Tomato___') for n in names)
   assert images.shape[1:] == (16, 16, 3) and 0 < len(images) < 40
   # Each view is a flat image of value i, labelled by its tomato class i % 38 - 28.
@@ -58,7 +59,7 @@ def test_undecodable_photo_is_named_and_skipped(tmp_path, capsys):
     decode_photo(bad)
   c = default_data_config()
   c.update(root=str(root), eval_split='')
-  images, labels, _ = split_photos(c, 'train', 24)
+  images, labels, _ = split_photos(source_from_config(c), 'train', 24)
   assert len(images) == 5 and bad.name in capsys.readouterr().err
   with pytest.raises(ImageError, match='<encoded bytes>'):
     decode_photo(b'not an image')
@@ -70,7 +71,7 @@ def test_save_split_photos_writes_a_labelled_folder_of_the_originals(tmp_path):
   c = default_data_config()
   c.update(source='tfds', name='plant_village', data_dir='/nonexistent')
   with tfds.testing.mock_data(as_dataset_fn=fx.fake_tfds({'train': examples})):
-    paths = save_split_photos(c, 'test', str(tmp_path / 'out'), limit=5)
+    paths = save_split_photos(source_from_config(c), 'test', str(tmp_path / 'out'), limit=5)
   assert len(paths) == 5
   by_value = dict(enumerate(examples))
   for path in paths:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from kdflax import cli
 from kdflax.data.photos import split_photos
+from kdflax.data.pipeline import source_from_config
 from kdflax.export.model_metadata import read_standard_metadata
 from kdflax.train.checkpoint import read_model_info
 from kdflax.train.config import load_config
@@ -34,7 +35,7 @@ def test_paper_config_teacher_distill_export_predict(tmp_path, capsys):
     assert cli.main(['export', '--checkpoint', str(distill_dir), '--out', str(out),
                      '--precision', 'int8', '--config', paper_smoke.CONFIG, *flags,
                      '--allow-mismatch', '--no-report']) == 0
-    photos, _, _ = split_photos(config.data, 'validation', 224, limit=2)
+    photos, _, _ = split_photos(source_from_config(config.data), 'validation', 224, limit=2)
     figures = tmp_path / 'figures'
     assert cli.main(['figures', '--config', paper_smoke.CONFIG, '--run', str(tmp_path),
                      '--out', str(figures), '--num_images', '2', *flags]) == 0

@@ -113,15 +113,19 @@ def test_two_processes_match_one_process(tmp_path):
     assert sum('train/loss' in line for line in f) == 3
 
 
+def _nan_run(workdir: str, *flags: str) -> list[str]:
+  """A student run whose SGD learning rate explodes; returns its `kdflax` stderr lines."""
+  proc = run('student', '--config', CONFIG, '--workdir', workdir, '--config.optim.name=sgd',
+             '--config.optim.learning_rate=1e30', '--config.optim.grad_clip_norm=0', *flags)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  return [line for line in proc.stderr.splitlines() if line.startswith('kdflax')]
+
+
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # Warm-up from 0 makes step 1 a no-op (a good checkpoint), then the learning rate explodes.
   workdir = str(tmp_path / 'nan')
-  proc = run('student', '--config', CONFIG, '--workdir', workdir,
-             '--config.optim.name=sgd', '--config.optim.learning_rate=1e30',
-             '--config.optim.grad_clip_norm=0', '--config.optim.warmup_steps=4')
-  assert proc.returncode == 3, proc.stderr[-2000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith('kdflax')]
-  assert len(lines) == 1 and 'non-finite' in lines[0], proc.stderr[-2000:]
+  lines = _nan_run(workdir, '--config.optim.warmup_steps=4')
+  assert len(lines) == 1 and 'non-finite' in lines[0], lines
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
                  if s.isdigit())
   assert steps and steps[-1] < 12
@@ -135,12 +139,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_nan_guard_before_any_checkpoint_says_so(tmp_path):
   workdir = str(tmp_path / 'nan0')
-  proc = run('student', '--config', CONFIG, '--workdir', workdir,
-             '--config.optim.name=sgd', '--config.optim.learning_rate=1e30',
-             '--config.optim.grad_clip_norm=0', '--config.optim.warmup_steps=0',
-             '--config.train.checkpoint_every=50')
-  assert proc.returncode == 3, proc.stderr[-2000:]
-  lines = [line for line in proc.stderr.splitlines() if line.startswith('kdflax')]
+  lines = _nan_run(workdir, '--config.optim.warmup_steps=0', '--config.train.checkpoint_every=50')
   assert len(lines) == 1 and 'no checkpoint was written yet' in lines[0], lines
   assert 'step None' not in lines[0]
 

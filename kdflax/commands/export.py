@@ -176,15 +176,17 @@ def _photos(args: argparse.Namespace, overrides: list[str], size: int,
   """-> (calibration, eval images, eval labels, description of the eval photos)."""
   if args.config:
     from kdflax.data.photos import describe_source, split_photos
+    from kdflax.data.pipeline import source_from_config
     from kdflax.train.config import load_config
     data = load_config(args.config, overrides).data
-    calib, _, _ = split_photos(data, data.train_split, size, args.num_calibration)
-    print(f'calibration: {len(calib)} photos of {describe_source(data)} {data.train_split}',
+    source = source_from_config(data)  # one source for both splits: TFDS is read once
+    calib, _, _ = split_photos(source, data.train_split, size, args.num_calibration)
+    print(f'calibration: {len(calib)} photos of {describe_source(source)} {data.train_split}',
           file=sys.stderr)
     if not data.eval_split:
       return calib, None, None, None
-    images, idx, classes = split_photos(data, data.eval_split, size, args.num_eval)
-    where = f'{describe_source(data)} {data.eval_split}'
+    images, idx, classes = split_photos(source, data.eval_split, size, args.num_eval)
+    where = f'{describe_source(source)} {data.eval_split}'
     print(f'eval: {len(images)} labelled photos of {where}', file=sys.stderr)
     return calib, images, to_model_labels(idx, classes, labels, where), where
   calib = eval_images = eval_labels = None

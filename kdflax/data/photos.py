@@ -1,6 +1,7 @@
 """Photos of a configured split as the uint8 arrays a served model takes (export, parity).
 
-    images, labels, names = split_photos(config.data, 'validation', size=224, limit=500)
+    source = source_from_config(config.data)       # one source: TFDS is read once
+    images, labels, names = split_photos(source, 'validation', size=224, limit=500)
 
 Works for every source `config.data` can name (image folders and TFDS, e.g. `plant_village`
 filtered to its tomato classes): the split's rows are read through the same `Records` table
@@ -14,11 +15,13 @@ import io
 import os
 import sys
 
-import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from kdflax.data.eval_view import CROP_FRACTION, eval_view
+from kdflax.data.sources import FolderSource, TfdsSource
+
+Source = FolderSource | TfdsSource
 
 
 class ImageError(ValueError):
@@ -54,13 +57,14 @@ def spread(n: int, limit: int | None) -> np.ndarray:
   return np.unique(np.linspace(0, n - 1, max(limit, 1)).round().astype(int))
 
 
-def split_photos(data_config: ml_collections.ConfigDict, split: str, size: int,
-                 limit: int | None = None, crop_fraction: float = CROP_FRACTION
+def split_photos(source: Source, split: str, size: int, limit: int | None = None,
+                 crop_fraction: float = CROP_FRACTION
                  ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
   """Up to `limit` photos of `split`, evenly spread over its rows, as evaluation views.
 
   Args:
-    data_config: a `config.data` section (`kdflax.data.config`): source, root / name, ...
+    source: the configured source (`kdflax.data.pipeline.source_from_config(config.data)`);
+      pass the same one for several splits or sizes (it keeps the records it has read).
     split: a split of that source (e.g. `config.data.train_split`).
     size: side S of the views.
     limit: at most this many photos (None: all).
@@ -73,9 +77,6 @@ def split_photos(data_config: ml_collections.ConfigDict, split: str, size: int,
   Raises:
     ValueError: the split has no decodable photo.
   """
-  from kdflax.data.pipeline import source_from_config
-
-  source = source_from_config(data_config)
   records = source.records(split)
   rows = records.select(spread(len(records), limit))
   blobs = rows.encoded if rows.encoded is not None else rows.paths
@@ -87,19 +88,17 @@ def split_photos(data_config: ml_collections.ConfigDict, split: str, size: int,
     except ImageError as e:
       print(f'warning: skipping {e}', file=sys.stderr)
   if not images:
-    raise ValueError(f'split {split!r} of {describe_source(data_config)}: no decodable photos')
+    raise ValueError(f'split {split!r} of {describe_source(source)}: no decodable photos')
   return np.stack(images), np.asarray(labels, np.int32), tuple(source.labels)
 
 
-def describe_source(data_config: ml_collections.ConfigDict) -> str:
-  """A short name of the configured source, e.g. `data/beans` or `tfds:plant_village`."""
-  if data_config.source == 'folder':
-    return str(data_config.root)
-  return f'tfds:{data_config.name}'
+def describe_source(source: Source) -> str:
+  """A short name of a source: its folder, or e.g. `tfds:plant_village`."""
+  return source.root if isinstance(source, FolderSource) else f'tfds:{source.name}'
 
 
-def save_split_photos(data_config: ml_collections.ConfigDict, split: str, folder: str,
-                      limit: int | None = None) -> list[str]:
+def save_split_photos(source: Source, split: str, folder: str, limit: int | None = None
+                      ) -> list[str]:
   """Writes up to `limit` original photos of `split` to `folder/<class>/` (spread over it).
 
   Image-folder sources are copied as they are; TFDS images are written as their stored
@@ -108,9 +107,6 @@ def save_split_photos(data_config: ml_collections.ConfigDict, split: str, folder
   """
   import shutil
 
-  from kdflax.data.pipeline import source_from_config
-
-  source = source_from_config(data_config)
   records = source.records(split)
   rows = records.select(spread(len(records), limit))
   written = []

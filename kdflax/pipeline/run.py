@@ -56,18 +56,20 @@ def export_stage(config, model_dir: str, out_dir: str, log=print) -> list[dict[s
   exported file (accuracy of the `.tflite` on the eval photos, file size, 1-thread latency).
   """
   from kdflax.data.photos import describe_source, split_photos, to_model_labels
+  from kdflax.data.pipeline import source_from_config
   from kdflax.export.export_model import export_model
   from kdflax.train.checkpoint import load_model
 
   info, variables = load_model(model_dir)
   module, size = info.create()
   data = config.data
-  calib, _, _ = split_photos(data, data.train_split, size, config.export.calibration_images)
+  source = source_from_config(data)  # one source for both splits: TFDS is read once
+  calib, _, _ = split_photos(source, data.train_split, size, config.export.calibration_images)
   eval_images = eval_labels = where = None
   if data.eval_split:
-    eval_images, idx, classes = split_photos(data, data.eval_split, size,
+    eval_images, idx, classes = split_photos(source, data.eval_split, size,
                                              config.export.eval_images)
-    where = f'{describe_source(data)} {data.eval_split}'
+    where = f'{describe_source(source)} {data.eval_split}'
     eval_labels = to_model_labels(idx, classes, info.labels, where)
   os.makedirs(out_dir, exist_ok=True)
   log(f'[export] {info.model} -> {out_dir} at {", ".join(config.export.precisions)}')

@@ -48,6 +48,7 @@ def attention_pictures(config: ml_collections.ConfigDict, teacher_dir: str, stud
     ValueError: no attention pair is configured, or the split has no photos.
   """
   from kdflax.data.photos import split_photos
+  from kdflax.data.pipeline import source_from_config
   from kdflax.distill.objective import Objective
   from kdflax.models.layout import layout_of
   from kdflax.train.checkpoint import read_model_info
@@ -59,8 +60,9 @@ def attention_pictures(config: ml_collections.ConfigDict, teacher_dir: str, stud
   loss['attention']['weight'] = loss['attention']['weight'] or 1.0  # pairs at weight 0 too
   split = split or config.data.eval_split or config.data.train_split
   sizes = [read_model_info(d).image_size for d in (teacher_dir, student_dir)]
-  t_photos, labels, names = split_photos(config.data, split, sizes[0], num_images)
-  s_photos, _, _ = split_photos(config.data, split, sizes[1], num_images)
+  source = source_from_config(config.data)  # read once for both sizes
+  t_photos, labels, names = split_photos(source, split, sizes[0], num_images)
+  s_photos, _, _ = split_photos(source, split, sizes[1], num_images)
   _, t_module, t_vars, _, t_int = _forward(teacher_dir, t_photos)
   s_info, s_module, s_vars, s_logits, s_int = _forward(student_dir, s_photos)
   objective = Objective(loss, intermediates_shapes(t_module, t_vars, sizes[0]),
