@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kdflax.models.quant import fake_quant_kernel
+
 IMPLS = ('auto', 'conv', 'shifted')
 
 
@@ -76,6 +78,7 @@ class DepthwiseConv(nn.Module):
     kernel_size: k (square kernel).
     strides: stride in both spatial dimensions.
     impl: 'auto', 'conv' or 'shifted' (see the module docstring).
+    quantize: round the kernel to int8 per channel (`kdflax.models.quant.fake_quant_kernel`).
     dtype: compute dtype (None: the promoted dtype of input and kernel, as `nn.Conv`).
     param_dtype: kernel dtype.
   """
@@ -83,6 +86,7 @@ class DepthwiseConv(nn.Module):
   kernel_size: int
   strides: int = 1
   impl: str = 'auto'
+  quantize: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -91,6 +95,8 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k, c = self.kernel_size, x.shape[-1]
     kernel = self.param('kernel', self.kernel_init, (k, k, 1, c), self.param_dtype)
+    if self.quantize:  # int8 per channel, as the full-int8 `.tflite` stores it
+      kernel = fake_quant_kernel(kernel)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     if resolve_impl(self.impl) == 'shifted':
       return depthwise_shifted(x, kernel, self.strides)
@@ -98,11 +104,15 @@ class DepthwiseConv(nn.Module):
 
 
 def reference_form(module: nn.Module) -> nn.Module:
-  """`module` with its depthwise convolutions as grouped convolutions ('conv').
+  """`module` with its depthwise convolutions as grouped convolutions ('conv'), in float.
 
-  The form whose jaxpr counts MACs by convolution and exports to TFLite DEPTHWISE_CONV_2D;
-  a module without a `depthwise` field is returned as is.
+  The form whose jaxpr counts MACs by convolution and exports to TFLite DEPTHWISE_CONV_2D:
+  simulated int8 (`quantize`, for quantisation-aware training) is switched off, since the
+  converter does the rounding. A module without these fields is returned as is.
   """
+  changes = {}
   if hasattr(module, 'depthwise'):
-    return module.clone(depthwise='conv')
-  return module
+    changes['depthwise'] = 'conv'
+  if getattr(module, 'quantize', False):
+    changes['quantize'] = False
+  return module.clone(**changes) if changes else module

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdflax.models import quant
 from kdflax.models.depthwise import DepthwiseConv, resolve_impl
 from kdflax.models.preprocess import normalize
 
@@ -143,20 +144,45 @@ def block_configs(variant: str, width_mult: float) -> tuple[tuple[BlockConfig, .
 
 
 class _Layers:
-  """Conv / BN factories sharing dtype settings (used inside `nn.compact` methods)."""
+  """Conv / BN / activation factories sharing dtype and quantisation settings.
 
-  def __init__(self, dtype: Any, param_dtype: Any, train: bool):
+  Used inside `nn.compact` methods. With `quantize`, kernels are rounded to int8 per output
+  channel and activations pass through `quant.ActRange` where the int8 `.tflite` holds an int8
+  tensor (after each convolution, activation, SE product and residual sum); without it every
+  method is the float op.
+  """
+
+  def __init__(self, dtype: Any, param_dtype: Any, train: bool, quantize: bool = False):
     self.dtype, self.param_dtype, self.train = dtype, param_dtype, train
+    self.quantize = quantize
 
   def conv(self, features: int, kernel: int, stride: int = 1, bias: bool = False,
            name: str | None = None) -> nn.Conv:
     pad = kernel // 2
+    extra = {'conv_general_dilated': quant.quantized_conv_general_dilated} if self.quantize else {}
     return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                    use_bias=bias, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name=name)
+                   param_dtype=self.param_dtype, name=name, **extra)
+
+  def q(self, x: jax.Array, name: str) -> jax.Array:
+    """int8 fake quantisation of an activation tensor (identity in the float model)."""
+    return quant.ActRange(name=name)(x, update=self.train) if self.quantize else x
+
+  def act(self, x: jax.Array, kind: str, name: str) -> jax.Array:
+    """`kind` activation of a convolution's output (quantised as the int8 graph computes it)."""
+    if not self.quantize:
+      return _ACTIVATIONS[kind](x)
+    if kind == 'relu':  # fused into the convolution: one int8 tensor after the ReLU
+      return self.q(nn.relu(x), name)
+    # hard-swish at int8: x * relu6(x + 3), the 1/6 folded into the next op's scale
+    x = self.q(x, f'{name}_in')
+    gate = self.q(jnp.clip(x + 3.0, 0.0, 6.0), f'{name}_gate')
+    return self.q(x * gate / 6.0, name)
 
   def bn(self, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not self.train, momentum=BN_MOMENTUM,
+    # Quantisation-aware fine-tuning keeps the running statistics (frozen BatchNorm): the
+    # converter folds exactly these into the int8 kernels.
+    return nn.BatchNorm(use_running_average=not self.train or self.quantize, momentum=BN_MOMENTUM,
                         epsilon=BN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
                         name=name)
 
@@ -165,16 +191,21 @@ class SqueezeExcite(nn.Module):
   """x * hard_sigmoid(conv_expand(relu(conv_reduce(mean_hw(x))))); `(B,H,W,C)` -> same."""
 
   se_chs: int
+  quantize: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    layers = _Layers(self.dtype, self.param_dtype, train=False)
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.relu(layers.conv(self.se_chs, 1, bias=True, name='conv_reduce')(s))
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    layers = _Layers(self.dtype, self.param_dtype, train, self.quantize)
+    s = layers.q(jnp.mean(x, axis=(1, 2), keepdims=True), 'q_mean')
+    s = layers.act(layers.conv(self.se_chs, 1, bias=True, name='conv_reduce')(s), 'relu',
+                   'q_reduce')
     s = layers.conv(x.shape[-1], 1, bias=True, name='conv_expand')(s)
-    return x * jax.nn.hard_sigmoid(s)
+    if not self.quantize:
+      return x * jax.nn.hard_sigmoid(s)
+    gate = layers.q(jnp.clip(layers.q(s, 'q_expand') + 3.0, 0.0, 6.0), 'q_gate')
+    return layers.q(x * gate / 6.0, 'q_out')
 
 
 class Block(nn.Module):
@@ -187,34 +218,36 @@ class Block(nn.Module):
   config: BlockConfig
   drop_path_rate: float = 0.0
   depthwise: str = 'auto'
+  quantize: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = self.config
-    layers = _Layers(self.dtype, self.param_dtype, train)
-    act = _ACTIVATIONS[c.act]
+    layers = _Layers(self.dtype, self.param_dtype, train, self.quantize)
     shortcut = x
     if c.kind == 'cn':
       x = layers.conv(c.out_chs, c.kernel, c.stride, name='conv')(x)
-      return act(layers.bn('bn1')(x))
+      return layers.act(layers.bn('bn1')(x), c.act, 'q_act')
     if c.kind == 'ir':
-      x = act(layers.bn('bn1')(layers.conv(c.mid_chs, 1, name='conv_pw')(x)))
+      x = layers.bn('bn1')(layers.conv(c.mid_chs, 1, name='conv_pw')(x))
+      x = layers.act(x, c.act, 'q_pw')
       dw_bn, pw_name, pw_bn = 'bn2', 'conv_pwl', 'bn3'
     else:  # 'ds'
       dw_bn, pw_name, pw_bn = 'bn1', 'conv_pw', 'bn2'
-    x = DepthwiseConv(c.kernel, c.stride, impl=self.depthwise, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name='conv_dw')(x)
-    x = act(layers.bn(dw_bn)(x))
+    x = DepthwiseConv(c.kernel, c.stride, impl=self.depthwise, quantize=self.quantize,
+                      dtype=self.dtype, param_dtype=self.param_dtype, name='conv_dw')(x)
+    x = layers.act(layers.bn(dw_bn)(x), c.act, 'q_dw')
     if c.se_chs:
-      x = SqueezeExcite(c.se_chs, dtype=self.dtype, param_dtype=self.param_dtype, name='se')(x)
-    x = layers.bn(pw_bn)(layers.conv(c.out_chs, 1, name=pw_name)(x))
+      x = SqueezeExcite(c.se_chs, self.quantize, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name='se')(x, train)
+    x = layers.q(layers.bn(pw_bn)(layers.conv(c.out_chs, 1, name=pw_name)(x)), 'q_pwl')
     if c.has_skip:
       rate = self.drop_path_rate * c.drop_path
       if rate > 0:  # stochastic depth: drop the whole residual branch per example
         x = nn.Dropout(rate, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
-      x = x + shortcut
+      x = layers.q(x + shortcut, 'q_add')
     return x
 
 
@@ -232,6 +265,9 @@ class MobileNetV3(nn.Module):
       'conv' (grouped convolution; what TFLite export uses) or 'shifted' (sum of shifted
       slices, several times faster on XLA:CPU); see `kdflax.models.depthwise`. Parameters
       and results are the same for all three.
+    quantize: simulate the full-int8 `.tflite` (`kdflax.models.quant`) for quantisation-aware
+      fine-tuning: same parameters, plus activation ranges in `batch_stats`. Export always
+      lowers the float model (`quantize=False`); the converter does the rounding.
     dtype: compute dtype (e.g. bfloat16); logits are always float32.
     param_dtype: parameter dtype.
   """
@@ -242,6 +278,7 @@ class MobileNetV3(nn.Module):
   drop_rate: float = 0.2
   drop_path_rate: float = 0.0
   depthwise: str = 'auto'
+  quantize: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -258,23 +295,24 @@ class MobileNetV3(nn.Module):
     With `train=True`, pass `mutable=['batch_stats']` and a 'dropout' rng if any rate > 0.
     """
     stages = block_configs(self.variant, self.width_mult)
-    layers = _Layers(self.dtype, self.param_dtype, train)
-    x = normalize(x, self.dtype)
+    layers = _Layers(self.dtype, self.param_dtype, train, self.quantize)
+    x = layers.q(normalize(x, self.dtype), 'q_input')
 
     x = layers.conv(stem_features(self.width_mult), 3, 2, name='conv_stem')(x)
-    x = jax.nn.hard_swish(layers.bn('bn1')(x))
+    x = layers.act(layers.bn('bn1')(x), 'hard_swish', 'q_stem')
     feature_stages = FEATURE_STAGES[self.variant]
     for i, blocks in enumerate(stages):
       for j, config in enumerate(blocks):
-        x = Block(config, self.drop_path_rate, self.depthwise, dtype=self.dtype,
+        x = Block(config, self.drop_path_rate, self.depthwise, self.quantize, dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f'blocks_{i}_{j}')(x, train)
       if i in feature_stages:
         self.sow('intermediates', f'stage{feature_stages.index(i)}', x)
 
-    x = jnp.mean(x, axis=(1, 2), keepdims=True)                       # (B, 1, 1, C)
+    x = layers.q(jnp.mean(x, axis=(1, 2), keepdims=True), 'q_pool')   # (B, 1, 1, C)
     x = layers.conv(HEAD_FEATURES[self.variant], 1, bias=True, name='conv_head')(x)
-    x = jax.nn.hard_swish(x).reshape(x.shape[0], -1)                  # (B, head)
+    x = layers.act(x, 'hard_swish', 'q_head').reshape(x.shape[0], -1)   # (B, head)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    extra = {'dot_general': quant.quantized_dot_general} if self.quantize else {}
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name='classifier')(x)
-    return x.astype(jnp.float32)
+                 name='classifier', **extra)(x)
+    return layers.q(x, 'q_logits').astype(jnp.float32)

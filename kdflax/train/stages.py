@@ -36,7 +36,7 @@ from flax import traverse_util
 
 from kdflax import atomic
 from kdflax.distill.objective import Objective
-from kdflax.models import complexity, registry
+from kdflax.models import complexity, quant, registry
 from kdflax.models.init import init_variables
 from kdflax.models.layout import layout_of
 from kdflax.train import checkpoint as model_io
@@ -124,7 +124,8 @@ def load_initial_variables(variables: Mapping[str, Any], directory: str,
       kept[key] = jnp.asarray(ckpt[key], value.dtype)
     else:
       kept[key] = value
-      reinit.append(key)
+      if not quant.is_range_variable(key):  # int8 ranges of a QAT model start from its data
+        reinit.append(key)
   missing_ratio = len(reinit) / max(len(fresh), 1)
   if missing_ratio > 0.1:
     raise StageError(f'{directory}: init checkpoint of {info.model} does not fit: '
