@@ -17,7 +17,9 @@ what differs. Sections:
     optim         optimizer of the student stages (`kdflax.train.optim.default_optim_config()`)
     train         lengths and intervals of the student stages (see `default_train_config`)
     export        what `pipeline` exports at the end: precisions, calibration_images (from
-                  the train split), eval_images (parity and accuracy, from the eval split)
+                  the train split), eval_images (parity and accuracy, from the eval split),
+                  qat (epochs > 0: the int8 file comes from the student fine-tuned that many
+                  epochs with simulated int8 at qat.learning_rate; `kdflax.pipeline.run`)
     distributed   multi-host set-up (`jax.distributed.initialize`)
 
 Every key can be overridden on the command line, e.g. `--config.optim.learning_rate=3e-4`.
@@ -88,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = default_optim_config()
   config.train = default_train_config()
   config.export = ml_collections.ConfigDict(dict(
-      precisions=('fp32', 'int8'), calibration_images=64, eval_images=500, enabled=True))
+      precisions=('fp32', 'int8'), calibration_images=64, eval_images=500, enabled=True,
+      qat=ml_collections.ConfigDict(dict(epochs=0, learning_rate=1e-4))))
   config.distributed = ml_collections.ConfigDict(dict(
       coordinator_address='', num_processes=1, process_id=0))
   return config

@@ -265,7 +265,8 @@ OPTIM_RULES: dict[str, Rule] = {
 OTHER_RULES: dict[str, Rule] = {
     'seed': _at_least(0), 'model.image_size': _at_least(0), 'teacher.image_size': _at_least(0),
     'export.precisions': _each_one_of(PRECISIONS), 'export.calibration_images': _at_least(1),
-    'export.eval_images': _at_least(1),
+    'export.eval_images': _at_least(1), 'export.qat.epochs': _at_least(0),
+    'export.qat.learning_rate': _above(0),
     'distributed.num_processes': _at_least(1), 'distributed.process_id': _at_least(0),
 }
 
