@@ -13,12 +13,12 @@ timm's order (0,0), (1,0), (0,1), (1,1) -> LayerNorm -> Linear without bias, cha
 Blocks alternate plain windows and windows shifted by `window // 2` (static `jnp.roll`); when
 the window covers a stage's grid the window is clipped to the grid and nothing is shifted.
 The shift mask and the relative-position index are NumPy constants built at trace time, so
-the variables are only `{'params': ...}`.
+the variables are only `{'params': ...}`. The window geometry and `WindowAttention` live in
+`kdflax.models.swin_windows`, the MLP in `kdflax.models.layers`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,90 +27,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdflax.models.layers import Dtype, DtypeModule, Mlp, dense
 from kdflax.models.layout import ModelLayout
 from kdflax.models.preprocess import normalize
+from kdflax.models.swin_windows import (
+  MASK_VALUE,
+  WindowAttention,
+  block_window_shift,
+  num_stage_windows,
+  relative_position_index,
+  shifted_window_mask,
+  stage_grid_sizes,
+  window_partition,
+  window_reverse,
+)
+
+__all__ = ['LAYER_NORM_EPS', 'MASK_VALUE', 'Mlp', 'PatchEmbed', 'PatchMerging', 'SwinBlock',
+           'SwinStage', 'SwinTransformer', 'WindowAttention', 'attention_key',
+           'block_window_shift', 'num_stage_windows', 'relative_position_index',
+           'shifted_window_mask', 'stage_grid_sizes', 'window_partition', 'window_reverse']
 
 LAYER_NORM_EPS = 1e-5  # PyTorch's default; Flax's is 1e-6.
-MASK_VALUE = -100.0    # timm's additive mask between tokens of different shifted regions.
 
-Dtype = Any
-_dense_init = nn.initializers.truncated_normal(stddev=0.02)
 # PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)), used by timm's patch embed.
 _conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
-
-# ---------------------------------------------------------------- static layout helpers
 
 
 def attention_key(stage: int) -> str:
   """The intermediates key of stage `stage`'s window attention (last block), `stage{i}_attn`."""
   return f'stage{stage}_attn'
-
-
-def stage_grid_sizes(img_size: int, patch_size: int, num_stages: int) -> tuple[int, ...]:
-  """Token grid side per stage: `img_size // patch_size`, then halved (rounding up)."""
-  grids = [img_size // patch_size]
-  for _ in range(num_stages - 1):
-    grids.append((grids[-1] + 1) // 2)
-  return tuple(grids)
-
-
-def block_window_shift(grid: int, window_size: int, block_index: int) -> tuple[int, int]:
-  """`(window, shift)` of block `block_index` in a stage whose grid side is `grid`.
-
-  Odd blocks shift by `window // 2`. As in timm, a window that covers the grid is clipped to
-  it and then never shifted (a cyclic shift of a single window would change nothing useful).
-  """
-  if grid <= window_size:
-    return grid, 0
-  return window_size, (window_size // 2 if block_index % 2 else 0)
-
-
-def relative_position_index(window: int) -> np.ndarray:
-  """`(N, N)` int32 index into the `((2w - 1)^2, heads)` bias table, `N = window^2`.
-
-  Entry (i, j) encodes the offset of token i relative to token j (row-major in the window):
-  `(dy + w - 1) * (2w - 1) + (dx + w - 1)`.
-  """
-  ys, xs = np.meshgrid(np.arange(window), np.arange(window), indexing='ij')
-  coords = np.stack([ys.reshape(-1), xs.reshape(-1)])          # (2, N)
-  rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # (2, N, N), in [0, 2w - 2]
-  return (rel[0] * (2 * window - 1) + rel[1]).astype(np.int32)
-
-
-def shifted_window_mask(height: int, width: int, window: int, shift: int) -> np.ndarray:
-  """Additive `(nW, N, N)` float32 mask for shifted windows on a `(height, width)` grid.
-
-  After rolling by `-shift`, the last window along each axis holds tokens from the far edge
-  of the image; tokens from different regions (timm's 3 x 3 labelling of the grid into
-  `[0, H - w)`, `[H - w, H - shift)`, `[H - shift, H)`) get `MASK_VALUE`, others 0.
-  Windows are ordered row-major, as `window_partition` produces them.
-  """
-  def labels(size: int) -> np.ndarray:
-    out = np.zeros(size, np.int32)
-    out[size - window:] = 1
-    out[size - shift:] = 2
-    return out
-
-  region = labels(height)[:, None] * 3 + labels(width)[None, :]   # (H, W)
-  region = region.reshape(height // window, window, width // window, window)
-  region = region.transpose(0, 2, 1, 3).reshape(-1, window * window)  # (nW, N)
-  differ = region[:, :, None] != region[:, None, :]
-  return np.where(differ, MASK_VALUE, 0.0).astype(np.float32)
-
-
-def window_partition(x: jax.Array, window: int) -> jax.Array:
-  """`(B, H, W, C)` -> `(B * nW, window^2, C)`, windows row-major within each image."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // window, window, w // window, window, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
-
-
-def window_reverse(windows: jax.Array, window: int, height: int, width: int) -> jax.Array:
-  """`(B * nW, window^2, C)` -> `(B, height, width, C)`; inverse of `window_partition`."""
-  c = windows.shape[-1]
-  x = windows.reshape(-1, height // window, width // window, window, window, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, height, width, c)
 
 
 def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
@@ -120,81 +65,31 @@ def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
                       param_dtype=param_dtype, name=name)
 
 
-def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype,
-           use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, kernel_init=_dense_init, dtype=dtype,
-                  param_dtype=param_dtype, name=name)
-
-
 # ---------------------------------------------------------------- modules
 
 
-class WindowAttention(nn.Module):
-  """Multi-head self-attention inside windows, with a learned relative-position bias.
+class _BlockSettings(DtypeModule, kw_only=True):
+  """The keyword-only fields the model hands down through its stages to every block.
 
-  Takes `(B * nW, N, C)` window tokens (`N = window^2`) and an optional `(nW, N, N)` additive
-  mask; returns the `(B * nW, N, C)` output and the float32 softmax weights
-  `(B * nW, heads, N, N)` (before attention dropout).
+  Attributes:
+    mlp_ratio: MLP hidden width / channels.
+    attn_drop_rate: dropout on the attention weights.
+    proj_drop_rate: dropout after the attention projection and in the MLPs.
+    dtype, param_dtype: as `DtypeModule` (softmax and logits stay float32).
   """
 
-  dim: int
-  num_heads: int
-  window: int
+  mlp_ratio: float = 4.0
   attn_drop_rate: float = 0.0
   proj_drop_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: np.ndarray | None,
-               train: bool = False) -> tuple[jax.Array, jax.Array]:
-    b_, n, c = x.shape
-    heads = self.num_heads
-    head_dim = self.dim // heads
-    qkv = _dense(3 * self.dim, 'qkv', self.dtype, self.param_dtype)(x)
-    qkv = qkv.reshape(b_, n, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]                       # (B * nW, heads, N, head_dim)
-    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum('bhnd,bhmd->bhnm', q, k).astype(jnp.float32)
-
-    table = self.param('relative_position_bias_table', _dense_init,
-                       ((2 * self.window - 1) ** 2, heads), self.param_dtype)
-    index = relative_position_index(self.window).reshape(-1)
-    bias = jnp.take(table, index, axis=0).reshape(n, n, heads).transpose(2, 0, 1)
-    logits = logits + bias.astype(jnp.float32)[None]
-    if mask is not None:
-      num_windows = mask.shape[0]
-      logits = logits.reshape(-1, num_windows, heads, n, n) + mask[None, :, None]
-      logits = logits.reshape(-1, heads, n, n)
-    attn = jax.nn.softmax(logits, axis=-1)
-
-    weights = nn.Dropout(self.attn_drop_rate, name='attn_drop')(attn, deterministic=not train)
-    out = jnp.einsum('bhnm,bhmd->bhnd', weights.astype(v.dtype), v)
-    out = out.transpose(0, 2, 1, 3).reshape(b_, n, self.dim)
-    out = _dense(self.dim, 'proj', self.dtype, self.param_dtype)(out)
-    out = nn.Dropout(self.proj_drop_rate, name='proj_drop')(out, deterministic=not train)
-    return out, attn
+  def _block_settings(self) -> dict[str, Any]:
+    """These fields as keyword arguments, to build a stage or block with the same settings."""
+    return dict(mlp_ratio=self.mlp_ratio, attn_drop_rate=self.attn_drop_rate,
+                proj_drop_rate=self.proj_drop_rate, dtype=self.dtype,
+                param_dtype=self.param_dtype)
 
 
-class Mlp(nn.Module):
-  """Linear -> exact (erf) GELU -> dropout -> Linear -> dropout on `(B, L, C)` tokens."""
-
-  hidden_dim: int
-  drop_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    dim = x.shape[-1]
-    x = _dense(self.hidden_dim, 'fc1', self.dtype, self.param_dtype)(x)
-    x = nn.gelu(x, approximate=False)
-    x = nn.Dropout(self.drop_rate, name='drop1')(x, deterministic=not train)
-    x = _dense(dim, 'fc2', self.dtype, self.param_dtype)(x)
-    return nn.Dropout(self.drop_rate, name='drop2')(x, deterministic=not train)
-
-
-class SwinBlock(nn.Module):
+class SwinBlock(_BlockSettings):
   """One (shifted-)window transformer block: `(B, H, W, C)` -> same shape, plus attention.
 
   `window` and `shift` are already resolved for this block's grid (`block_window_shift`).
@@ -206,12 +101,7 @@ class SwinBlock(nn.Module):
   num_heads: int
   window: int
   shift: int = 0
-  mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
-  attn_drop_rate: float = 0.0
-  proj_drop_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -246,7 +136,7 @@ class SwinBlock(nn.Module):
     return (x + y).reshape(b, h, w, c), attn
 
 
-class PatchMerging(nn.Module):
+class PatchMerging(DtypeModule):
   """`(B, H, W, C)` -> `(B, ceil(H/2), ceil(W/2), out_dim)`: 2 x 2 concat, LayerNorm, Linear.
 
   The four neighbours are concatenated as (row, col) = (0,0), (1,0), (0,1), (1,1), the order
@@ -254,8 +144,6 @@ class PatchMerging(nn.Module):
   """
 
   out_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -265,11 +153,11 @@ class PatchMerging(nn.Module):
     h2, w2 = (h + 1) // 2, (w + 1) // 2
     x = x.reshape(b, h2, 2, w2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h2 * w2, 4 * c)
     x = _layer_norm('norm', self.dtype, self.param_dtype)(x)
-    x = _dense(self.out_dim, 'reduction', self.dtype, self.param_dtype, use_bias=False)(x)
+    x = dense(self.out_dim, 'reduction', self.dtype, self.param_dtype, use_bias=False)(x)
     return x.reshape(b, h2, w2, self.out_dim)
 
 
-class SwinStage(nn.Module):
+class SwinStage(_BlockSettings):
   """Optional PatchMerging, then `depth` blocks on a `grid x grid` token map.
 
   Returns the stage output `(B, grid, grid, dim)` and the last block's attention weights.
@@ -281,12 +169,7 @@ class SwinStage(nn.Module):
   grid: int
   window_size: int
   downsample: bool
-  mlp_ratio: float = 4.0
   drop_path_rates: Sequence[float] = ()
-  attn_drop_rate: float = 0.0
-  proj_drop_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -297,20 +180,17 @@ class SwinStage(nn.Module):
     for j in range(self.depth):
       window, shift = block_window_shift(self.grid, self.window_size, j)
       x, attn = SwinBlock(
-          self.dim, self.num_heads, window, shift, mlp_ratio=self.mlp_ratio,
+          self.dim, self.num_heads, window, shift,
           drop_path_rate=self.drop_path_rates[j] if self.drop_path_rates else 0.0,
-          attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate,
-          dtype=self.dtype, param_dtype=self.param_dtype, name=f'blocks_{j}')(x, train)
+          name=f'blocks_{j}', **self._block_settings())(x, train)
     return x, attn
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(DtypeModule):
   """`(B, H, W, 3)` -> `(B, H/p, W/p, dim)`: non-overlapping p x p conv, then LayerNorm."""
 
   dim: int
   patch_size: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -320,7 +200,7 @@ class PatchEmbed(nn.Module):
     return _layer_norm('norm', self.dtype, self.param_dtype)(x)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(_BlockSettings):
   """Swin Transformer classifier taking `(B, img_size, img_size, 3)` images in [0, 1].
 
   Attributes:
@@ -348,13 +228,8 @@ class SwinTransformer(nn.Module):
   num_heads: Sequence[int] = (3, 6, 12, 24)
   window_size: int = 7
   patch_size: int = 4
-  mlp_ratio: float = 4.0
   drop_rate: float = 0.0
-  proj_drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   def stage_dims(self) -> tuple[int, ...]:
     """Channels of each stage's output."""
@@ -412,20 +287,12 @@ class SwinTransformer(nn.Module):
         zip(self.stage_dims(), self.depths, self.num_heads, strict=True)):
       x, attn = SwinStage(
           dim, depth, heads, grids[i], self.window_size, downsample=i > 0,
-          mlp_ratio=self.mlp_ratio, drop_path_rates=rates[i],
-          attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate,
-          dtype=self.dtype, param_dtype=self.param_dtype, name=f'layers_{i}')(x, train)
+          drop_path_rates=rates[i], name=f'layers_{i}', **self._block_settings())(x, train)
       self.sow('intermediates', f'stage{i}', x)
       self.sow('intermediates', attention_key(i), attn)
 
     x = _layer_norm('norm', self.dtype, self.param_dtype)(x)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
     x = nn.Dropout(self.drop_rate, name='head_drop')(x, deterministic=not train)
-    x = _dense(self.num_classes, 'head', self.dtype, self.param_dtype)(x)
+    x = dense(self.num_classes, 'head', self.dtype, self.param_dtype)(x)
     return x.astype(jnp.float32)
-
-
-def num_stage_windows(layout: tuple[int, int, int, int]) -> int:
-  """Windows per image of a stage described by one `attention_layout()` entry."""
-  height, width, window, _ = layout
-  return math.ceil(height / window) * math.ceil(width / window)

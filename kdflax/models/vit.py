@@ -20,69 +20,45 @@ distilled models also sow `cls_logits` and `dist_logits` `(B, num_classes)` in f
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from kdflax.models.layers import TRUNC_NORMAL_02, DtypeModule, Mlp, dense
 from kdflax.models.layout import ModelLayout
 from kdflax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 LN_EPS = 1e-6
-_TRUNC_02 = nn.initializers.truncated_normal(stddev=0.02)
 
 
-class Attention(nn.Module):
+class Attention(DtypeModule):
   """Multi-head self-attention with a fused qkv projection: `(B, T, C)` -> `(B, T, C)`."""
 
   num_heads: int
   attn_drop_rate: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     b, t, c = x.shape
     head_dim = c // self.num_heads
-    dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_TRUNC_02,
-        name=name)
     # timm: qkv(x).reshape(B, T, 3, heads, head_dim): features ordered (3, heads, head_dim).
-    qkv = dense(3 * c, 'qkv')(x).reshape(b, t, 3, self.num_heads, head_dim)
+    qkv = dense(3 * c, 'qkv', self.dtype, self.param_dtype)(x)
+    qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]            # (B, T, heads, head_dim)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q * head_dim ** -0.5, k)
     weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.attn_drop_rate, deterministic=not train)(weights)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, t, c)
-    return dense(c, 'proj')(out)
+    return dense(c, 'proj', self.dtype, self.param_dtype)(out)
 
 
-class Mlp(nn.Module):
-  """fc1 -> exact erf GELU -> fc2: `(B, T, C)` -> `(B, T, C)`."""
-
-  hidden_dim: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_TRUNC_02)
-    out_dim = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, name='fc1', **kw)(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(out_dim, name='fc2', **kw)(x)
-
-
-class Block(nn.Module):
+class Block(DtypeModule):
   """Pre-norm transformer block: `(B, T, C)` -> `(B, T, C)`."""
 
   num_heads: int
   mlp_ratio: float = 4.0
   attn_drop_rate: float = 0.0
   drop_path: float = 0.0
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -91,14 +67,15 @@ class Block(nn.Module):
                                      param_dtype=self.param_dtype, name=name)
     # Stochastic depth: one keep/drop decision per sample, survivors scaled by 1 / keep.
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
-    y = Attention(self.num_heads, self.attn_drop_rate, self.dtype, self.param_dtype,
-                  name='attn')(norm('norm1')(x), train)
+    y = Attention(self.num_heads, self.attn_drop_rate, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name='attn')(norm('norm1')(x), train)
     x = x + drop_path(y)
-    y = Mlp(int(c * self.mlp_ratio), self.dtype, self.param_dtype, name='mlp')(norm('norm2')(x))
+    y = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
+            name='mlp')(norm('norm2')(x))
     return x + drop_path(y)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(DtypeModule):
   """timm ViT / DeiT (optionally distilled) taking NHWC images in [0, 1].
 
   Attributes:
@@ -132,8 +109,6 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -170,24 +145,23 @@ class VisionTransformer(nn.Module):
     prefix = [self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, c),
                          self.param_dtype)]
     if self.distilled:
-      prefix.append(self.param('dist_token', _TRUNC_02, (1, 1, c), self.param_dtype))
+      prefix.append(self.param('dist_token', TRUNC_NORMAL_02, (1, 1, c), self.param_dtype))
     prefix = [jnp.broadcast_to(t.astype(self.dtype), (b, 1, c)) for t in prefix]
     x = jnp.concatenate([*prefix, x], axis=1)                     # (B, P + N, C)
-    pos_embed = self.param('pos_embed', _TRUNC_02, (1, x.shape[1], c), self.param_dtype)
+    pos_embed = self.param('pos_embed', TRUNC_NORMAL_02, (1, x.shape[1], c), self.param_dtype)
     x = x + pos_embed.astype(self.dtype)
 
     rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth else []
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.attn_drop_rate, float(rates[i]),
-                self.dtype, self.param_dtype, name=f'blocks_{i}')(x, train)
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f'blocks_{i}')(x, train)
       self.sow('intermediates', f'block{i}', x)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='norm')(x)
 
     head_drop = nn.Dropout(self.drop_rate, deterministic=not train)
-    head = lambda name, token: nn.Dense(
-        self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_TRUNC_02, name=name)(head_drop(token)).astype(jnp.float32)
+    head = lambda name, token: dense(self.num_classes, name, self.dtype, self.param_dtype)(
+        head_drop(token)).astype(jnp.float32)
     logits = head('head', x[:, 0])
     if not self.distilled:
       return logits
