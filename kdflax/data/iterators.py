@@ -51,7 +51,39 @@ def _report_failures(corrupt: CorruptLog, table: ImageTable, rows, on_corrupt: s
     log.warning('kdflax.data: skipped corrupt or unreadable image %s: %s', key, reason)
 
 
-class TrainIterator:
+class _BatchIterator:
+  """NumPy batches of a tf.data graph; a batch's `_skipped` column goes to `_report_skipped`.
+
+  Attributes:
+    step: index of the batch the next `next()` returns.
+    corrupt: `CorruptLog` of this iterator.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, table: ImageTable, on_corrupt: str,
+               start_step: int = 0):
+    self.dataset = dataset
+    self.step = start_step
+    self.corrupt = CorruptLog()
+    self._table, self._on_corrupt = table, on_corrupt
+    self._it = dataset.as_numpy_iterator()
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self
+
+  def __next__(self) -> Batch:
+    batch = next(self._it)
+    skipped = batch.pop('_skipped')
+    if skipped.any():
+      self._report_skipped(skipped)
+    self.step += 1
+    return batch
+
+  def _report_skipped(self, skipped: np.ndarray) -> None:
+    """Counts, logs or raises for batch `self.step`'s failed reads (`skipped` `(b,)` int32)."""
+    raise NotImplementedError
+
+
+class TrainIterator(_BatchIterator):
   """Infinite iterator of process-local train batches (dicts of NumPy arrays).
 
   Attributes:
@@ -61,52 +93,32 @@ class TrainIterator:
 
   def __init__(self, dataset: tf.data.Dataset, plan: TrainPlan, table: ImageTable,
                start_step: int, on_corrupt: str):
-    self.dataset = dataset
-    self.step = start_step
-    self.corrupt = CorruptLog()
-    self._plan, self._table, self._on_corrupt = plan, table, on_corrupt
-    self._it = dataset.as_numpy_iterator()
+    super().__init__(dataset, table, on_corrupt, start_step)
+    self._plan = plan
 
-  def __iter__(self) -> Iterator[Batch]:
-    return self
-
-  def __next__(self) -> Batch:
-    batch = next(self._it)
-    skipped = batch.pop('_skipped')
-    if skipped.any():
-      candidates = self._plan.step(self.step)['candidates']
-      bad = [i for r in np.flatnonzero(skipped) for i in candidates[r, :skipped[r]]]
-      _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
-      if (skipped >= candidates.shape[1]).any():
-        raise CorruptImageError(
-            f'{candidates.shape[1]} corrupt images in a row at step {self.step}, e.g. '
-            f'{self._table.records.keys[bad[0]]}: is the dataset broken?')
-    self.step += 1
-    return batch
+  def _report_skipped(self, skipped: np.ndarray) -> None:
+    """`skipped[r]`: how many of row r's candidates failed before one decoded (all: none did)."""
+    candidates = self._plan.step(self.step)['candidates']
+    bad = [i for r in np.flatnonzero(skipped) for i in candidates[r, :skipped[r]]]
+    _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
+    if (skipped >= candidates.shape[1]).any():
+      raise CorruptImageError(
+          f'{candidates.shape[1]} corrupt images in a row at step {self.step}, e.g. '
+          f'{self._table.records.keys[bad[0]]}: is the dataset broken?')
 
 
-class EvalIterator:
+class EvalIterator(_BatchIterator):
   """Finite iterator of process-local eval batches with `mask`; `len()` = number of steps."""
 
   def __init__(self, dataset: tf.data.Dataset, indices: np.ndarray, table: ImageTable,
                on_corrupt: str):
-    self.dataset = dataset
-    self.corrupt = CorruptLog()
-    self._indices, self._table, self._on_corrupt = indices, table, on_corrupt
-    self._it = dataset.as_numpy_iterator()
-    self._step = 0
+    super().__init__(dataset, table, on_corrupt)
+    self._indices = indices
 
   def __len__(self) -> int:
     return len(self._indices)
 
-  def __iter__(self) -> Iterator[Batch]:
-    return self
-
-  def __next__(self) -> Batch:
-    batch = next(self._it)
-    skipped = batch.pop('_skipped')
-    if skipped.any():
-      bad = self._indices[self._step][skipped > 0]
-      _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
-    self._step += 1
-    return batch
+  def _report_skipped(self, skipped: np.ndarray) -> None:
+    """`skipped[r]` is 1 where row r's image failed to decode (the row is masked out)."""
+    bad = self._indices[self.step][skipped > 0]
+    _report_failures(self.corrupt, self._table, bad, self._on_corrupt)
