@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 
 from kdflax import atomic
 from kdflax.train import checkpoint as model_io
-from kdflax.train.checkpoint import BEST_MODEL_DIR, FINAL_MODEL_DIR
+from kdflax.train.checkpoint import BEST_MODEL_DIR, FINAL_MODEL_DIR, ModelInfo
 from kdflax.train.metrics import MetricWriter, truncate_metrics
 from kdflax.train.state import TrainState
 from kdflax.train.step import batch_sharding
@@ -59,17 +59,6 @@ class LoopOptions:
   keep_checkpoints: int = 2
   progress: bool = True
   stop_after: int = 0          # > 0: return after this step (tests, time-boxed runs)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelDescription:
-  """What `model_best` / `model_final` directories record about the trained model."""
-
-  name: str
-  num_classes: int
-  image_size: int
-  labels: tuple[str, ...] = ()
-  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -123,10 +112,10 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def _save_model(workdir: str, subdir: str, variables: Any, desc: ModelDescription) -> None:
+def _save_model(workdir: str, subdir: str, variables: Any, desc: ModelInfo) -> None:
   if jax.process_index() != 0:
     return
-  model_io.save_model(os.path.join(workdir, subdir), variables, desc.name, desc.num_classes,
+  model_io.save_model(os.path.join(workdir, subdir), variables, desc.model, desc.num_classes,
                       desc.image_size, desc.labels, desc.overrides)
 
 
@@ -214,7 +203,7 @@ def _log_train(run: _Run, step: int) -> None:
 
 def _evaluate_and_keep_best(run: _Run, step: int, state: TrainState, eval_step: Callable,
                             eval_batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
-                            mesh: Mesh, model: ModelDescription) -> None:
+                            mesh: Mesh, model: ModelInfo) -> None:
   """Val metrics to the writer; `model_best` rewritten when top-1 improves."""
   run.last_eval = last_eval = evaluate(eval_step, state.eval_variables, eval_batches(), mesh)
   run.writer.write(step, {f'val/{k}': v for k, v in last_eval.items()})
@@ -250,7 +239,7 @@ def _close_run(run: _Run) -> None:
 def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_variables: Any,
         train_batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
         eval_batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
-        options: LoopOptions, workdir: str, mesh: Mesh, model: ModelDescription,
+        options: LoopOptions, workdir: str, mesh: Mesh, model: ModelInfo,
         writer: MetricWriter | None = None, log: Callable[[str], None] = print
         ) -> dict[str, Any]:
   """Trains from the latest checkpoint in `workdir` (or from `state`) to `total_steps`.

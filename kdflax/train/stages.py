@@ -38,9 +38,9 @@ from kdflax.distill.objective import Objective
 from kdflax.models import complexity
 from kdflax.models.init import init_variables
 from kdflax.models.layout import layout_of
-from kdflax.train.checkpoint import BEST_MODEL_DIR
+from kdflax.train.checkpoint import BEST_MODEL_DIR, ModelInfo
 from kdflax.train.config import save_config
-from kdflax.train.loop import RESULTS_FILE, LoopOptions, ModelDescription, fit
+from kdflax.train.loop import RESULTS_FILE, LoopOptions, fit
 from kdflax.train.optim import make_optimizer
 from kdflax.train.stage_models import (
     StageError,
@@ -103,7 +103,7 @@ class StageSetup:
   eval_step: Callable
   mesh: Any
   options: LoopOptions
-  description: ModelDescription
+  description: ModelInfo     # what model_best / model_final record
   cost: dict[str, float]
   objective: Any = None
   teacher_cache: Any = None    # the TeacherCache a cached distill reads, else None
@@ -225,8 +225,8 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
       teacher_size=teacher_size, state=state,
       train_step=_train_step(config, stage, module, teacher, cache, objective, mesh),
       eval_step=make_eval_step(module, mesh), mesh=mesh, options=options,
-      description=ModelDescription(trained.name, num_classes, trained.image_size, labels,
-                                   _json_overrides(trained.overrides)),
+      description=ModelInfo(trained.name, num_classes, trained.image_size, labels,
+                            _json_overrides(trained.overrides)),
       cost=complexity.model_complexity(module.clone(dtype=jnp.float32), trained.image_size),
       objective=objective, teacher_cache=cache)
 
@@ -258,7 +258,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   if jax.process_index() == 0:  # written once data, models and teacher checked out
     save_config(config, workdir)
   desc, cost = setup.description, setup.cost
-  log_fn(f'[{stage}] {desc.name} at {desc.image_size}px, {desc.num_classes} classes, '
+  log_fn(f'[{stage}] {desc.model} at {desc.image_size}px, {desc.num_classes} classes, '
          f'{cost["params"]:,} params, {cost["gmacs"]:.3f} GMACs; {setup.data.num_train} train '
          f'images, {setup.options.total_steps} steps of {config.data.batch_size} on '
          f'{setup.mesh.size} device(s)'
@@ -280,7 +280,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   if corrupt:
     log_fn(f'[{stage}] skipped {corrupt} unreadable image(s): '
            f'{", ".join(sorted({k for s in streams for k in s.corrupt.keys})[:10])}')
-  summary.update(stage=stage, model=desc.name, params=cost['params'], gmacs=cost['gmacs'],
+  summary.update(stage=stage, model=desc.model, params=cost['params'], gmacs=cost['gmacs'],
                  corrupt_images=corrupt,
                  model_dir=os.path.join(os.path.abspath(workdir), BEST_MODEL_DIR))
   if not summary.get('stopped_early') and jax.process_index() == 0:

@@ -27,8 +27,9 @@ leaves no DIR (a rerun removes the leftover and starts again). Shards are memory
 read. The manifest's `fingerprint` (see `expected_fingerprint`) must equal the run's; mixup /
 CutMix cannot be cached (a mixed image's teacher output depends on its partner).
 
-Modules: `format` (file names, format version, `CacheError`), `fingerprint` (what a cache was
-built from), `reader` (`TeacherCache` and the cached train stream), `build` (`build_cache`).
+Modules: `format` (file names, `FORMAT`, `PARTIAL`, `LOGITS`, `CacheError`), `fingerprint`
+(what a cache was built from), `reader` (`TeacherCache` and the cached train stream), `build`
+(`build_cache`).
 """
 
 from kdflax.train.teacher_cache.build import build_cache
@@ -42,20 +43,12 @@ from kdflax.train.teacher_cache.fingerprint import (
     teacher_identity,
     variables_digest,
 )
-from kdflax.train.teacher_cache.format import (
-    FORMAT,
-    LOGITS,
-    MANIFEST,
-    PARTIAL,
-    SHARD_BYTES,
-    CacheError,
-    refuse_mixing,
-)
+from kdflax.train.teacher_cache.format import MANIFEST, SHARD_BYTES, CacheError, refuse_mixing
 from kdflax.train.teacher_cache.reader import CachedTeacherData, CachedTeacherStream, TeacherCache
 
 __all__ = [
-    'AUGMENTATION_KEYS', 'DATA_KEYS', 'FORMAT', 'LOGITS', 'MANIFEST', 'PARTIAL', 'SHARD_BYTES',
-    'CacheError', 'CachedTeacherData', 'CachedTeacherStream', 'TeacherCache', 'build_cache',
+    'AUGMENTATION_KEYS', 'DATA_KEYS', 'MANIFEST', 'SHARD_BYTES', 'CacheError', 'CachedTeacherData',
+    'CachedTeacherStream', 'TeacherCache', 'build_cache',
     'expected_fingerprint', 'fingerprint_difference', 'records_digest', 'refuse_mixing',
     'target_specs', 'teacher_identity', 'variables_digest',
 ]
