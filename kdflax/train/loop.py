@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 
 from kdflax import atomic
 from kdflax.train import checkpoint as model_io
-from kdflax.train.checkpoint import BEST_MODEL_DIR, FINAL_MODEL_DIR
+from kdflax.train.checkpoint import BEST_MODEL_DIR, FINAL_MODEL_DIR, ModelInfo
 from kdflax.train.metrics import MetricWriter, truncate_metrics
 from kdflax.train.state import TrainState
 from kdflax.train.step import batch_sharding
@@ -59,17 +59,6 @@ class LoopOptions:
   keep_checkpoints: int = 2
   progress: bool = True
   stop_after: int = 0          # > 0: return after this step (tests, time-boxed runs)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelDescription:
-  """What `model_best` / `model_final` directories record about the trained model."""
-
-  name: str
-  num_classes: int
-  image_size: int
-  labels: tuple[str, ...] = ()
-  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -123,17 +112,134 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def _save_model(workdir: str, subdir: str, variables: Any, desc: ModelDescription) -> None:
+def _save_model(workdir: str, subdir: str, variables: Any, desc: ModelInfo) -> None:
   if jax.process_index() != 0:
     return
-  model_io.save_model(os.path.join(workdir, subdir), variables, desc.name, desc.num_classes,
+  model_io.save_model(os.path.join(workdir, subdir), variables, desc.model, desc.num_classes,
                       desc.image_size, desc.labels, desc.overrides)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What `fit` carries from step to step besides the `TrainState`."""
+
+  workdir: str
+  options: LoopOptions
+  manager: ocp.CheckpointManager
+  writer: MetricWriter
+  own_writer: bool             # `fit` made `writer`, so closes it
+  bar: Any                     # tqdm progress bar, or None
+  start: int                   # the step resumed from (0: a fresh run)
+  end: int                     # the last step of this call (`stop_after` or `total_steps`)
+  best: dict[str, Any]         # val metrics of the best eval so far, with its `step`
+  last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+  pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+  images: int = 0              # images trained on since `t_last`
+  t_last: float = dataclasses.field(default_factory=time.perf_counter)
+  t_begin: float = dataclasses.field(default_factory=time.perf_counter)
+
+  @property
+  def results_path(self) -> str:
+    return os.path.join(self.workdir, RESULTS_FILE)
+
+  def logs_at(self, step: int) -> bool:
+    """Train metrics are read (NaN check, log, progress) every `log_every` steps, before
+    every checkpoint and at the end."""
+    return (step % self.options.log_every == 0 or self.checkpoints_at(step)
+            or step == self.end)
+
+  def evaluates_at(self, step: int) -> bool:
+    return step % (self.options.eval_every or self.options.steps_per_epoch) == 0 or (
+        step == self.end)
+
+  def checkpoints_at(self, step: int) -> bool:
+    return step % (self.options.checkpoint_every or self.options.steps_per_epoch) == 0 or (
+        step == self.end)
+
+
+def _open_run(state: TrainState, options: LoopOptions, workdir: str,
+              writer: MetricWriter | None, log: Callable[[str], None]
+              ) -> tuple[_Run, TrainState]:
+  """Restores the latest checkpoint (if any) and what the run had logged and kept by then."""
+  is_main = jax.process_index() == 0
+  manager = checkpoint_manager(workdir, options.keep_checkpoints)
+  state = restore_latest(manager, state)
+  start = int(jax.device_get(state.step))
+  if is_main:  # steps logged after the checkpoint we resume from are logged again
+    truncate_metrics(workdir, start)
+  own_writer = writer is None
+  writer = writer or MetricWriter(workdir, enabled=is_main)
+  best = _read_json(os.path.join(workdir, RESULTS_FILE)).get('best', {}) if start > 0 else {}
+  if start > 0:
+    log(f'resumed from step {start} ({os.path.join(workdir, CHECKPOINT_DIR)})')
+  end = options.total_steps if options.stop_after <= 0 else min(options.stop_after,
+                                                               options.total_steps)
+  bar = _progress(options.total_steps, start, options.progress and is_main)
+  return _Run(workdir, options, manager, writer, own_writer, bar, start, end, best), state
+
+
+def _log_train(run: _Run, step: int) -> None:
+  """Means of the pending train metrics to the writer and the bar; NonFiniteLossError on
+  NaN/Inf."""
+  host = [jax.device_get(m) for m in run.pending]
+  run.pending = []
+  mean = {f'train/{k}': float(np.mean([h[k] for h in host])) for k in host[0]}
+  if not _is_finite(mean):
+    good = run.manager.latest_step()
+    kept = (f'the last good checkpoint (step {good}) is kept in '
+            f'{os.path.join(run.workdir, CHECKPOINT_DIR)}' if good is not None else
+            'no checkpoint was written yet (a re-run starts from step 0)')
+    raise NonFiniteLossError(
+        f'non-finite training metrics at step {step}: '
+        f'{ {k: v for k, v in mean.items() if not math.isfinite(v)} }; stopped, {kept}')
+  now = time.perf_counter()
+  mean['train/images_per_sec'] = run.images / max(now - run.t_last, 1e-9)
+  run.images, run.t_last = 0, now
+  run.writer.write(step, mean)
+  if run.bar is not None:
+    run.bar.set_postfix(loss=f'{mean["train/loss"]:.4f}', top1=f'{mean["train/top1"]:.3f}',
+                        refresh=False)
+
+
+def _evaluate_and_keep_best(run: _Run, step: int, state: TrainState, eval_step: Callable,
+                            eval_batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+                            mesh: Mesh, model: ModelInfo) -> None:
+  """Val metrics to the writer; `model_best` rewritten when top-1 improves."""
+  run.last_eval = last_eval = evaluate(eval_step, state.eval_variables, eval_batches(), mesh)
+  run.writer.write(step, {f'val/{k}': v for k, v in last_eval.items()})
+  if last_eval['top1'] > run.best.get('top1', -1.0):
+    run.best = {**last_eval, 'step': step}
+    _save_model(run.workdir, BEST_MODEL_DIR, state.eval_variables, model)
+  run.t_last, run.images = time.perf_counter(), 0  # eval time is not training throughput
+  if run.bar is not None:
+    best = run.best
+    run.bar.write(f'step {step}: val top1 {last_eval["top1"]:.4f} top5 '
+                  f'{last_eval["top5"]:.4f} loss {last_eval["loss"]:.4f} '
+                  f'(best {best["top1"]:.4f} @ {best["step"]})')
+
+
+def _save_checkpoint(run: _Run, step: int, state: TrainState) -> None:
+  """The whole state (asynchronously, Orbax) and, from process 0, the best-so-far record."""
+  run.manager.save(step, args=ocp.args.StandardSave(state))
+  if jax.process_index() == 0:
+    _write_json(run.results_path, {'best': run.best, 'step': step})
+
+
+def _close_run(run: _Run) -> None:
+  """Waits for pending checkpoint writes, then closes the manager, the bar and the writer."""
+  run.manager.wait_until_finished()
+  run.manager.close()
+  if run.bar is not None:
+    run.bar.close()
+  run.writer.flush()
+  if run.own_writer:
+    run.writer.close()
 
 
 def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_variables: Any,
         train_batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
         eval_batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
-        options: LoopOptions, workdir: str, mesh: Mesh, model: ModelDescription,
+        options: LoopOptions, workdir: str, mesh: Mesh, model: ModelInfo,
         writer: MetricWriter | None = None, log: Callable[[str], None] = print
         ) -> dict[str, Any]:
   """Trains from the latest checkpoint in `workdir` (or from `state`) to `total_steps`.
@@ -159,89 +265,36 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_va
   Raises:
     NonFiniteLossError: the loss became NaN/Inf (nothing is saved from that point on).
   """
-  is_main = jax.process_index() == 0
-  eval_every = options.eval_every or options.steps_per_epoch
-  ckpt_every = options.checkpoint_every or options.steps_per_epoch
-  manager = checkpoint_manager(workdir, options.keep_checkpoints)
-  state = restore_latest(manager, state)
-  start = int(jax.device_get(state.step))
-  if is_main:  # steps logged after the checkpoint we resume from are logged again
-    truncate_metrics(workdir, start)
-  own_writer = writer is None
-  writer = writer or MetricWriter(workdir, enabled=is_main)
-  results_path = os.path.join(workdir, RESULTS_FILE)
-  best = _read_json(results_path).get('best', {}) if start > 0 else {}
-  if start > 0:
-    log(f'resumed from step {start} ({os.path.join(workdir, CHECKPOINT_DIR)})')
-  end = options.total_steps if options.stop_after <= 0 else min(options.stop_after,
-                                                               options.total_steps)
-  bar = _progress(options.total_steps, start, options.progress and is_main)
-  pending: list[dict[str, jax.Array]] = []
-  images, t_last, t_begin = 0, time.perf_counter(), time.perf_counter()
-  last_eval: dict[str, float] = {}
-  step = start
+  run, state = _open_run(state, options, workdir, writer, log)
+  step = run.start
   try:
-    iterator = train_batches(start)
-    for step in range(start + 1, end + 1):
+    iterator = train_batches(run.start)
+    for step in range(run.start + 1, run.end + 1):
       batch = next(iterator)
-      images += len(batch['label']) * jax.process_count()
+      run.images += len(batch['label']) * jax.process_count()
       state, metrics = train_step(state, teacher_variables, to_global(batch, mesh))
-      pending.append(metrics)
-      last = step == end
-      if step % options.log_every == 0 or step % ckpt_every == 0 or last:
-        host = [jax.device_get(m) for m in pending]
-        pending = []
-        mean = {f'train/{k}': float(np.mean([h[k] for h in host])) for k in host[0]}
-        if not _is_finite(mean):
-          good = manager.latest_step()
-          kept = (f'the last good checkpoint (step {good}) is kept in '
-                  f'{os.path.join(workdir, CHECKPOINT_DIR)}' if good is not None else
-                  'no checkpoint was written yet (a re-run starts from step 0)')
-          raise NonFiniteLossError(
-              f'non-finite training metrics at step {step}: '
-              f'{ {k: v for k, v in mean.items() if not math.isfinite(v)} }; stopped, {kept}')
-        now = time.perf_counter()
-        mean['train/images_per_sec'] = images / max(now - t_last, 1e-9)
-        images, t_last = 0, now
-        writer.write(step, mean)
-        if bar is not None:
-          bar.set_postfix(loss=f'{mean["train/loss"]:.4f}', top1=f'{mean["train/top1"]:.3f}',
-                          refresh=False)
-      if step % eval_every == 0 or last:
-        last_eval = evaluate(eval_step, state.eval_variables, eval_batches(), mesh)
-        writer.write(step, {f'val/{k}': v for k, v in last_eval.items()})
-        if last_eval['top1'] > best.get('top1', -1.0):
-          best = {**last_eval, 'step': step}
-          _save_model(workdir, BEST_MODEL_DIR, state.eval_variables, model)
-        t_last, images = time.perf_counter(), 0  # eval time is not training throughput
-        if bar is not None:
-          bar.write(f'step {step}: val top1 {last_eval["top1"]:.4f} top5 '
-                    f'{last_eval["top5"]:.4f} loss {last_eval["loss"]:.4f} '
-                    f'(best {best["top1"]:.4f} @ {best["step"]})')
-      if step % ckpt_every == 0 or last:
-        manager.save(step, args=ocp.args.StandardSave(state))
-        if is_main:
-          _write_json(results_path, {'best': best, 'step': step})
-      if bar is not None:
-        bar.update(1)
+      run.pending.append(metrics)
+      if run.logs_at(step):
+        _log_train(run, step)
+      if run.evaluates_at(step):
+        _evaluate_and_keep_best(run, step, state, eval_step, eval_batches, mesh, model)
+      if run.checkpoints_at(step):
+        _save_checkpoint(run, step, state)
+      if run.bar is not None:
+        run.bar.update(1)
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    if bar is not None:
-      bar.close()
-    writer.flush()
-    if own_writer:
-      writer.close()
+    _close_run(run)
 
   if step < options.total_steps:  # stopped early on purpose (stop_after)
-    return {'step': step, 'best': best, 'final': last_eval, 'stopped_early': True}
+    return {'step': step, 'best': run.best, 'final': run.last_eval, 'stopped_early': True}
+  last_eval = run.last_eval
   if not last_eval:  # resumed a finished run: evaluate once more for the summary
     last_eval = evaluate(eval_step, state.eval_variables, eval_batches(), mesh)
   _save_model(workdir, FINAL_MODEL_DIR, state.eval_variables, model)
-  summary = {'step': step, 'best': best, 'final': last_eval,
-             'wall_seconds': round(time.perf_counter() - t_begin, 2)}
-  if is_main:
-    _write_json(results_path, summary)
+  summary = {'step': step, 'best': run.best, 'final': last_eval,
+             'wall_seconds': round(time.perf_counter() - run.t_begin, 2)}
+  if jax.process_index() == 0:
+    _write_json(run.results_path, summary)
   return summary
 
 

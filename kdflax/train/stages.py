@@ -32,38 +32,33 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
 
 from kdflax import atomic
 from kdflax.distill.objective import Objective
-from kdflax.models import complexity, quant, registry
+from kdflax.models import complexity
 from kdflax.models.init import init_variables
 from kdflax.models.layout import layout_of
-from kdflax.train import checkpoint as model_io
-from kdflax.train.checkpoint import BEST_MODEL_DIR
+from kdflax.train.checkpoint import BEST_MODEL_DIR, ModelInfo
 from kdflax.train.config import save_config
-from kdflax.train.loop import RESULTS_FILE, LoopOptions, ModelDescription, fit
+from kdflax.train.loop import RESULTS_FILE, LoopOptions, fit
 from kdflax.train.optim import make_optimizer
+from kdflax.train.stage_models import (
+    StageError,
+    cached_teacher,
+    check_teacher_cache,
+    check_teacher_labels,
+    init_trained_model,
+    intermediates_shapes,
+    load_teacher,
+    open_teacher_cache,
+    trained_model,
+)
 from kdflax.train.state import create_train_state
 from kdflax.train.step import data_mesh, make_eval_step, make_train_step, replicate
 
 STAGES = ('teacher', 'student', 'distill')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 log = logging.getLogger(__name__)
-
-
-class StageError(ValueError):
-  """A stage cannot start: inconsistent config, teacher or data (one-line message)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainedModel:
-  """The model a stage trains: its name, create_model overrides and resolution."""
-
-  name: str
-  overrides: Mapping[str, Any]
-  image_size: int
-  init_checkpoint: str
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -81,14 +76,6 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
                              process_id=int(dist.process_id))
 
 
-def trained_model(config: ml_collections.ConfigDict, stage: str) -> TrainedModel:
-  """The model `stage` trains (the teacher for 'teacher', else the student)."""
-  section = config.teacher if stage == 'teacher' else config.model
-  _, default_size = registry.create_model(section.name, 1, **dict(section.overrides))
-  return TrainedModel(section.name, dict(section.overrides),
-                      int(section.image_size or default_size), section.init_checkpoint)
-
-
 def stage_loss_config(config: ml_collections.ConfigDict, stage: str) -> dict[str, Any]:
   """`config.loss` for `distill`; only its cross-entropy part for the other stages."""
   loss = config.loss.to_dict()
@@ -98,41 +85,6 @@ def stage_loss_config(config: ml_collections.ConfigDict, stage: str) -> dict[str
              for name, section in loss.items()}
   ce_only['ce'] = {**loss['ce'], 'weight': 1.0}
   return ce_only
-
-
-def intermediates_shapes(module, variables: Any, image_size: int) -> dict[str, Any]:
-  """`jax.eval_shape` of a model's sown intermediates for a batch of 1."""
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  _, state = jax.eval_shape(
-      lambda v, xx: module.apply(v, xx, train=False, mutable=['intermediates']), variables, x)
-  return dict(state.get('intermediates', {}))
-
-
-def load_initial_variables(variables: Mapping[str, Any], directory: str,
-                           log_fn: Callable[[str], None]) -> dict[str, Any]:
-  """Copies every variable of the model dir at `directory` whose path and shape match.
-
-  Heads of another size (an ImageNet checkpoint fine-tuned on 10 classes) keep their fresh
-  initialisation; the caller is told which. Nothing else may differ.
-  """
-  info, loaded = model_io.load_model(directory)
-  fresh = traverse_util.flatten_dict(dict(variables), sep='/')
-  ckpt = traverse_util.flatten_dict(dict(loaded), sep='/')
-  kept, reinit = {}, []
-  for key, value in fresh.items():
-    if key in ckpt and tuple(ckpt[key].shape) == tuple(value.shape):
-      kept[key] = jnp.asarray(ckpt[key], value.dtype)
-    else:
-      kept[key] = value
-      if not quant.is_range_variable(key):  # int8 ranges of a QAT model start from its data
-        reinit.append(key)
-  missing_ratio = len(reinit) / max(len(fresh), 1)
-  if missing_ratio > 0.1:
-    raise StageError(f'{directory}: init checkpoint of {info.model} does not fit: '
-                     f'{len(reinit)} of {len(fresh)} variables differ (e.g. {reinit[:3]})')
-  if reinit:
-    log_fn(f'init from {directory}: re-initialised {", ".join(reinit)}')
-  return traverse_util.unflatten_dict(kept, sep='/')
 
 
 @dataclasses.dataclass
@@ -151,84 +103,69 @@ class StageSetup:
   eval_step: Callable
   mesh: Any
   options: LoopOptions
-  description: ModelDescription
+  description: ModelInfo     # what model_best / model_final record
   cost: dict[str, float]
   objective: Any = None
   teacher_cache: Any = None    # the TeacherCache a cached distill reads, else None
 
 
-def load_teacher(config: ml_collections.ConfigDict, teacher_dir: str | None,
-                 random_teacher: bool, dtype: Any) -> tuple[Any, Any, int, Any, str]:
-  """`(module, variables, image_size, info-or-None, source)` of the distillation teacher."""
-  if random_teacher:  # benchmarks: the speed of a step does not depend on the weights
-    module, size = registry.create_model(config.teacher.name, 1, dtype=dtype,
-                                         **dict(config.teacher.overrides))
-    return module, None, int(config.teacher.image_size or size), None, 'random'
-  teacher_dir = teacher_dir or config.teacher.checkpoint
-  if not teacher_dir:
-    raise StageError('distill needs a teacher: --teacher_workdir DIR, or '
-                     '--config.teacher.checkpoint=MODEL_DIR (from `kdflax teacher` or '
-                     '`kdflax convert`)')
-  try:
-    info, variables = model_io.load_model(teacher_dir)
-  except (FileNotFoundError, ValueError) as e:
-    raise StageError(f'teacher: {e}') from None
-  module, size = info.create(dtype=dtype)
-  return module, variables, int(config.teacher.image_size or size), info, teacher_dir
+def _stage_sections(config: ml_collections.ConfigDict, stage: str
+                    ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, Any]:
+  """`(train section, optim section, compute dtype)` of `stage`."""
+  train_cfg = config.teacher.train if stage == 'teacher' else config.train
+  optim_cfg = config.teacher.optim if stage == 'teacher' else config.optim
+  if train_cfg.compute_dtype not in DTYPES:
+    raise StageError(f'config.train.compute_dtype must be one of {sorted(DTYPES)}, '
+                     f'got {train_cfg.compute_dtype!r}')
+  return train_cfg, optim_cfg, DTYPES[train_cfg.compute_dtype]
 
 
-def check_teacher_labels(info: Any, source: str, labels: tuple[str, ...],
-                         config: ml_collections.ConfigDict) -> None:
-  """StageError when a teacher's classes or labels differ from the data's."""
-  if info is not None and info.num_classes != len(labels):
-    raise StageError(
-        f'teacher {source} has {info.num_classes} classes but the data '
-        f'({config.data.source}: {config.data.root or config.data.name}) has {len(labels)}; '
-        'fine-tune the teacher on this data first (kdflax teacher)')
-  if info is not None and info.labels and tuple(info.labels) != labels:
-    raise StageError(f'teacher {source} labels {list(info.labels)} differ from the data '
-                     f'labels {list(labels)}')
+def _stage_teacher(config: ml_collections.ConfigDict, stage: str, teacher_dir: str | None,
+                   random_teacher: bool, dtype: Any, log_fn: Callable[[str], None]
+                   ) -> tuple[Any, tuple[Any, Any, int | None, Any, str]]:
+  """`(cache or None, (module, variables, image_size, info, source))` of the stage's teacher.
+
+  Only `distill` has one. With a cache and no teacher directory, it is the teacher the cache
+  recorded (abstract variables: its outputs come from the cache).
+  """
+  if stage != 'distill':
+    return None, (None, None, None, None, '')
+  cache = open_teacher_cache(config)
+  if cache is not None and not (teacher_dir or config.teacher.checkpoint):
+    return cache, cached_teacher(cache, config, dtype, log_fn)
+  return cache, load_teacher(config, teacher_dir, random_teacher, dtype)
 
 
-def _open_teacher_cache(config: ml_collections.ConfigDict) -> Any:
-  """The `TeacherCache` at `config.teacher.cache` (None when unset); refuses mixing."""
-  if not config.teacher.cache:
-    return None
-  from kdflax.train import teacher_cache
-  teacher_cache.refuse_mixing(config)
-  return teacher_cache.TeacherCache(config.teacher.cache)
+def _state_and_options(config: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict,
+                       optim_cfg: ml_collections.ConfigDict, data: Any, variables: Any,
+                       adapter_params: Any, mesh: Any, stop_after: int
+                       ) -> tuple[Any, LoopOptions]:
+  """The replicated initial `TrainState` and the loop's length and intervals."""
+  if int(config.data.batch_size) % mesh.size:
+    raise StageError(f'config.data.batch_size={config.data.batch_size} must divide by the '
+                     f'{mesh.size} devices')
+  steps_per_epoch = data.steps_per_epoch
+  total_steps = int(train_cfg.num_steps) or int(train_cfg.num_epochs) * steps_per_epoch
+  tx = make_optimizer(optim_cfg, total_steps)
+  state = replicate(create_train_state(variables, adapter_params, tx, seed=config.seed,
+                                       ema_decay=float(train_cfg.ema_decay)), mesh)
+  options = LoopOptions(
+      total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      log_every=int(train_cfg.log_every), eval_every=int(train_cfg.eval_every),
+      checkpoint_every=int(train_cfg.checkpoint_every),
+      keep_checkpoints=int(train_cfg.keep_checkpoints),
+      progress=bool(train_cfg.progress), stop_after=stop_after)
+  return state, options
 
 
-def _cached_teacher(cache: Any, config: ml_collections.ConfigDict, dtype: Any,
-                    log_fn: Callable[[str], None]):
-  """The teacher a cache recorded (module and abstract variables: shapes only)."""
-  recorded = cache.fingerprint['teacher']
-  info = model_io.ModelInfo(recorded['model'], int(recorded['num_classes']),
-                            int(cache.fingerprint['teacher_image_size']),
-                            overrides=dict(recorded.get('overrides', {})))
-  module, size = info.create(dtype=dtype)
-  size = int(config.teacher.image_size or size)
-  variables = complexity.abstract_variables(module, size)
-  log_fn(f'teacher outputs from {cache.directory} ({info.model}, as recorded; pass '
-         '--teacher_workdir to check the teacher too)')
-  return module, variables, size, info, cache.directory
-
-
-def _check_teacher_cache(cache: Any, config: ml_collections.ConfigDict, info: Any,
-                         teacher_vars: Any, teacher_size: int, data: Any, objective: Any,
-                         source: str) -> None:
-  """CacheError unless `cache` was built for this run (teacher, sizes, pairs, data, K...)."""
-  from kdflax.train import teacher_cache
-  recorded = cache.fingerprint['teacher']
-  if source == cache.directory:  # no teacher given: the recorded one, its hash unchecked
-    digest = recorded.get('variables_sha256')
-  else:
-    digest = teacher_cache.variables_digest(teacher_vars)
-  teacher_id = teacher_cache.teacher_identity(info, digest)
-  expected = teacher_cache.expected_fingerprint(
-      config, teacher_id, int(config.data.teacher_image_size or teacher_size),
-      data.sizes['image'], objective, data.train_records, tuple(data.labels), cache.num_views)
-  cache.check(expected)
+def _train_step(config: ml_collections.ConfigDict, stage: str, module: Any, teacher: Any,
+                cache: Any, objective: Objective, mesh: Any) -> Callable:
+  """The sharded train step; the teacher sows only when attention/manifold terms need it."""
+  needs_teacher_maps = stage == 'distill' and any(
+      float(config.loss[name].weight) > 0 for name in ('attention', 'manifold'))
+  return make_train_step(module, None if cache else teacher, objective.apply, mesh,
+                         teacher_intermediates=needs_teacher_maps,
+                         cached_teacher=cache is not None)
 
 
 def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: str | None = None,
@@ -245,25 +182,10 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
   from kdflax.data.pipeline import make_datasets
 
   maybe_initialize_distributed(config)
-  train_cfg = config.teacher.train if stage == 'teacher' else config.train
-  optim_cfg = config.teacher.optim if stage == 'teacher' else config.optim
-  if train_cfg.compute_dtype not in DTYPES:
-    raise StageError(f'config.train.compute_dtype must be one of {sorted(DTYPES)}, '
-                     f'got {train_cfg.compute_dtype!r}')
-  dtype = DTYPES[train_cfg.compute_dtype]
+  train_cfg, optim_cfg, dtype = _stage_sections(config, stage)
   trained = trained_model(config, stage)
-
-  teacher = teacher_vars = info = cache = None
-  teacher_size, source = None, ''
-  if stage == 'distill':
-    cache = _open_teacher_cache(config)
-    if cache is not None and not (teacher_dir or config.teacher.checkpoint):
-      teacher, teacher_vars, teacher_size, info, source = _cached_teacher(
-          cache, config, dtype, log_fn)
-    else:
-      teacher, teacher_vars, teacher_size, info, source = load_teacher(
-          config, teacher_dir, random_teacher, dtype)
-
+  cache, (teacher, teacher_vars, teacher_size, info, source) = _stage_teacher(
+      config, stage, teacher_dir, random_teacher, dtype, log_fn)
   data = make_datasets(config.data, image_size=trained.image_size,
                        teacher_image_size=None if cache else teacher_size,
                        process_index=jax.process_index(), process_count=jax.process_count(),
@@ -272,15 +194,11 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
   num_classes = len(labels)
   check_teacher_labels(info, source, labels, config)
 
-  module, _ = registry.create_model(trained.name, num_classes, dtype=dtype, **trained.overrides)
   key = jax.random.key(config.seed)
-  variables = init_variables(module, key, trained.image_size)
-  if trained.init_checkpoint:
-    variables = load_initial_variables(variables, trained.init_checkpoint, log_fn)
+  module, variables = init_trained_model(trained, num_classes, dtype, key, log_fn)
   if cache is None and teacher is not None and teacher_vars is None:  # random_teacher
     teacher = teacher.clone(num_classes=num_classes)
     teacher_vars = init_variables(teacher, jax.random.fold_in(key, 2), teacher_size)
-
   objective = Objective(
       stage_loss_config(config, stage),
       intermediates_shapes(teacher, teacher_vars, teacher_size) if teacher else None,
@@ -289,42 +207,26 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
       student_layout=layout_of(module))
   adapter_params = objective.init(jax.random.fold_in(key, 1))
   if cache is not None:
-    _check_teacher_cache(cache, config, info, teacher_vars, teacher_size, data, objective,
-                         source)
+    check_teacher_cache(cache, config, info, teacher_vars, teacher_size, data, objective,
+                        source)
     from kdflax.train.teacher_cache import CachedTeacherData
     data = CachedTeacherData(data, cache)
 
   mesh = data_mesh()
-  if int(config.data.batch_size) % mesh.size:
-    raise StageError(f'config.data.batch_size={config.data.batch_size} must divide by the '
-                     f'{mesh.size} devices')
-  steps_per_epoch = data.steps_per_epoch
-  total_steps = int(train_cfg.num_steps) or int(train_cfg.num_epochs) * steps_per_epoch
-  tx = make_optimizer(optim_cfg, total_steps)
-  state = replicate(create_train_state(variables, adapter_params, tx, seed=config.seed,
-                                       ema_decay=float(train_cfg.ema_decay)), mesh)
+  state, options = _state_and_options(config, train_cfg, optim_cfg, data, variables,
+                                      adapter_params, mesh, stop_after)
   if cache is not None:
     teacher_vars = None
   elif teacher_vars is not None:
     teacher_vars = replicate(teacher_vars, mesh)
-  needs_teacher_maps = stage == 'distill' and any(
-      float(config.loss[name].weight) > 0 for name in ('attention', 'manifold'))
-  options = LoopOptions(
-      total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-      log_every=int(train_cfg.log_every), eval_every=int(train_cfg.eval_every),
-      checkpoint_every=int(train_cfg.checkpoint_every),
-      keep_checkpoints=int(train_cfg.keep_checkpoints),
-      progress=bool(train_cfg.progress), stop_after=stop_after)
   return StageSetup(
       stage=stage, data=data, module=module, teacher=teacher, teacher_variables=teacher_vars,
       teacher_model=info.model if info else (config.teacher.name if teacher else ''),
       teacher_size=teacher_size, state=state,
-      train_step=make_train_step(module, None if cache else teacher, objective.apply, mesh,
-                                 teacher_intermediates=needs_teacher_maps,
-                                 cached_teacher=cache is not None),
+      train_step=_train_step(config, stage, module, teacher, cache, objective, mesh),
       eval_step=make_eval_step(module, mesh), mesh=mesh, options=options,
-      description=ModelDescription(trained.name, num_classes, trained.image_size, labels,
-                                   _json_overrides(trained.overrides)),
+      description=ModelInfo(trained.name, num_classes, trained.image_size, labels,
+                            _json_overrides(trained.overrides)),
       cost=complexity.model_complexity(module.clone(dtype=jnp.float32), trained.image_size),
       objective=objective, teacher_cache=cache)
 
@@ -356,7 +258,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   if jax.process_index() == 0:  # written once data, models and teacher checked out
     save_config(config, workdir)
   desc, cost = setup.description, setup.cost
-  log_fn(f'[{stage}] {desc.name} at {desc.image_size}px, {desc.num_classes} classes, '
+  log_fn(f'[{stage}] {desc.model} at {desc.image_size}px, {desc.num_classes} classes, '
          f'{cost["params"]:,} params, {cost["gmacs"]:.3f} GMACs; {setup.data.num_train} train '
          f'images, {setup.options.total_steps} steps of {config.data.batch_size} on '
          f'{setup.mesh.size} device(s)'
@@ -378,7 +280,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   if corrupt:
     log_fn(f'[{stage}] skipped {corrupt} unreadable image(s): '
            f'{", ".join(sorted({k for s in streams for k in s.corrupt.keys})[:10])}')
-  summary.update(stage=stage, model=desc.name, params=cost['params'], gmacs=cost['gmacs'],
+  summary.update(stage=stage, model=desc.model, params=cost['params'], gmacs=cost['gmacs'],
                  corrupt_images=corrupt,
                  model_dir=os.path.join(os.path.abspath(workdir), BEST_MODEL_DIR))
   if not summary.get('stopped_early') and jax.process_index() == 0:

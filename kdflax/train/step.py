@@ -111,6 +111,51 @@ def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+def _teacher_outputs(teacher: nn.Module | None, teacher_variables: Any, batch: Batch,
+                     teacher_intermediates: bool, cached_teacher: bool
+                     ) -> tuple[jax.Array | None, dict, dict[str, Any]]:
+  """`(teacher logits, teacher intermediates, extra loss_fn keywords)` of a batch.
+
+  From the batch when `cached_teacher` (the targets go to `loss_fn` as `teacher_targets=`),
+  else from running the teacher.
+  """
+  if cached_teacher:
+    t_logits, targets = cached_teacher_outputs(batch)
+    return t_logits, {}, {'teacher_targets': targets}
+  t_logits, t_inter = teacher_forward(teacher, teacher_variables, batch, teacher_intermediates)
+  return t_logits, t_inter, {}
+
+
+def _apply_gradients(state: TrainState, grads: Any, batch_stats: Any) -> TrainState:
+  """The optimizer update and the EMA of the student's parameters; step + 1."""
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if state.ema_decay > 0:
+    decay = state.ema_decay
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                              state.ema_params, params['student'])
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state, ema_params=ema_params)
+
+
+def _step_metrics(loss: jax.Array, terms: Mapping[str, jax.Array], logits: jax.Array,
+                  labels: jax.Array, mask: jax.Array, grads: Any, new_state: TrainState
+                  ) -> dict[str, jax.Array]:
+  """`loss`, the terms, masked batch `top1`, `grad_norm`, `param_norm` and `learning_rate`."""
+  denom = jnp.maximum(mask.sum(), 1.0)
+  metrics = {'loss': loss, **terms,
+             'top1': (_topk_correct(logits, labels, 1) * mask).sum() / denom,
+             'grad_norm': optax.global_norm(grads['student']),
+             # The NaN guard reads this too: an update can overflow the weights while the
+             # loss it was computed from is still finite.
+             'param_norm': optax.global_norm(new_state.params['student'])}
+  lr = _learning_rate(new_state.opt_state)
+  if lr is not None:
+    metrics['learning_rate'] = lr
+  return metrics
+
+
 def make_train_step(student: nn.Module, teacher: nn.Module | None, loss_fn: LossFn,
                     mesh: Mesh, teacher_intermediates: bool = True,
                     jit: bool = True, cached_teacher: bool = False
@@ -142,13 +187,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, loss_fn: Loss
     dropout_key, loss_key = jax.random.split(key)
     labels = batch['label']
     mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
-    cached = {}
-    if cached_teacher:
-      t_logits, targets = cached_teacher_outputs(batch)
-      t_inter, cached = {}, {'teacher_targets': targets}
-    else:
-      t_logits, t_inter = teacher_forward(teacher, teacher_variables, batch,
-                                          teacher_intermediates)
+    t_logits, t_inter, cached = _teacher_outputs(teacher, teacher_variables, batch,
+                                                 teacher_intermediates, cached_teacher)
 
     def compute_loss(params):
       variables = {'params': params['student']}
@@ -166,26 +206,8 @@ def make_train_step(student: nn.Module, teacher: nn.Module | None, loss_fn: Loss
 
     (loss, (terms, batch_stats, logits)), grads = jax.value_and_grad(
         compute_loss, has_aux=True)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if state.ema_decay > 0:
-      decay = state.ema_decay
-      ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                state.ema_params, params['student'])
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, ema_params=ema_params)
-    denom = jnp.maximum(mask.sum(), 1.0)
-    metrics = {'loss': loss, **terms,
-               'top1': (_topk_correct(logits, labels, 1) * mask).sum() / denom,
-               'grad_norm': optax.global_norm(grads['student']),
-               # The NaN guard reads this too: an update can overflow the weights while the
-               # loss it was computed from is still finite.
-               'param_norm': optax.global_norm(params['student'])}
-    lr = _learning_rate(opt_state)
-    if lr is not None:
-      metrics['learning_rate'] = lr
-    return new_state, metrics
+    new_state = _apply_gradients(state, grads, batch_stats)
+    return new_state, _step_metrics(loss, terms, logits, labels, mask, grads, new_state)
 
   if not jit:
     return step_fn
