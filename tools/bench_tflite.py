@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--json', help='write all figures here')
   args = p.parse_args(argv)
 
-  from kdflax.export import flatbuffer
+  from kdflax.export import inventory
   from kdflax.export.images import sample_images
   from kdflax.export.interpreter import TFLiteClassifier
   from kdflax.export.isolated import benchmark_isolated
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
   for path in files.values():
     content = open(path, 'rb').read()
     results['models'][os.path.basename(path)] = {
-        'size_mb': len(content) / 1e6, 'ops': flatbuffer.op_histogram(content),
+        'size_mb': len(content) / 1e6, 'ops': inventory.op_histogram(content),
         'partitions': TFLiteClassifier(path).delegate_partitions, **info[path]}
 
   keys = list(files)

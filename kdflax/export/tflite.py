@@ -13,7 +13,7 @@ The exported model (every precision):
     interest; `images.load_image` / `view.eval_view` produce the same array). The
     uint8 input carries the identity quantization (scale 1, zero point 0) and enters the graph
     through DEQUANTIZE, which XNNPACK vectorises (a CAST there runs on LiteRT's scalar kernel;
-    `flatbuffer.dequantize_uint8_inputs`). (`input_type='float32'` gives a float 0..1 input.)
+    `flatbuffer_edits.dequantize_uint8_inputs`). (`input_type='float32'` gives a float 0..1 input.)
   - builtin TFLite ops only (no Flex / SELECT_TF_OPS, no custom ops): checked, else an error.
   - fp16: float16 weights, float compute. int8: full-integer quantization (per-channel
     weights, int8 activations) calibrated on the given REAL images; the uint8 input and
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdflax import atomic
-from kdflax.export import flatbuffer, lowering
+from kdflax.export import flatbuffer_edits, inventory, lowering
 from kdflax.export.interpreter import (
   INPUT_NAME,
   METADATA_NAME,
@@ -217,7 +217,7 @@ def convert(fn: Callable, image_size: int, precision: str = 'fp32', batch: int =
     if 'not part of the vhlo support' in text or 'failed to legalize' in text:
       hint = ' (no TFLite builtin op implements it; Flex / SELECT_TF_OPS are not allowed)'
     raise ExportError(f'TFLite conversion ({precision}) failed: {_first_line(e)}{hint}') from None
-  bad = flatbuffer.non_builtin_ops(model)
+  bad = inventory.non_builtin_ops(model)
   if bad:
     raise ExportError(f'the converted model uses non-builtin ops {bad}; only TFLite builtins '
                       'are allowed (no Flex / SELECT_TF_OPS / custom ops)')
@@ -344,7 +344,7 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
   # Same function, re-expressed with ops LiteRT runs fast at this precision (lowering.py);
   # the JAX reference below still uses `fn` itself. At int8 the softmax is not converted
   # (it would be an int8 SOFTMAX: 1/256 steps, off XNNPACK) but appended in float after
-  # the output's DEQUANTIZE (`flatbuffer.append_softmax`).
+  # the output's DEQUANTIZE (`flatbuffer_edits.append_softmax`).
   float_softmax = precision == 'int8' and output == 'probabilities'
   converted_fn = serving_function(module, variables, input_type, 'logits') if float_softmax \
       else fn
@@ -352,9 +352,9 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
   model = convert(export_fn, image_size, precision, batch, input_type, calibration_images,
                   output_name=output)
   if float_softmax:
-    model = flatbuffer.append_softmax(model)
+    model = flatbuffer_edits.append_softmax(model)
   if input_type == 'uint8':
-    model = flatbuffer.dequantize_uint8_inputs(model)  # vectorised uint8 -> float in XNNPACK
+    model = flatbuffer_edits.dequantize_uint8_inputs(model)  # vectorised uint8 -> float in XNNPACK
   meta = {
       'format': 'kdflax-tflite/1', 'model': model_name, 'precision': precision,
       'signature': SIGNATURE_KEY,
@@ -369,7 +369,7 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
   }
   if input_type == 'float32':
     meta['input_scale'] = 1.0 / 255.0
-  model = flatbuffer.add_metadata(model, METADATA_NAME, json.dumps(meta).encode())
+  model = flatbuffer_edits.add_metadata(model, METADATA_NAME, json.dumps(meta).encode())
   # Last: the standard metadata's packed label file is a zip appended to the flatbuffer,
   # which re-serialising the model (add_metadata) would drop.
   try:
@@ -407,5 +407,5 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
     atomic.remove_file(sidecar)  # a stale sidecar from an earlier export would mislabel this model
   return ExportResult(path=out_path, precision=precision, num_classes=num_classes,
                       size_mb=len(model) / 1e6,
-                      ops=flatbuffer.op_histogram(model), parity=parity,
+                      ops=inventory.op_histogram(model), parity=parity,
                       labels_path=sidecar if labels else None, output=output)
