@@ -43,7 +43,7 @@ def _keras_tflite(variant: str, size: int, classes: int, precision: str,
   import keras
   import tensorflow as tf
 
-  from kdflax.export.tflite import _native_stderr_silenced
+  from kdflax.export.converter import native_stderr_silenced
   build = getattr(keras.applications, f'MobileNetV3{variant.capitalize()}')
   model = build(input_shape=(size, size, 3), weights=None, classes=classes)
   converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -58,7 +58,7 @@ def _keras_tflite(variant: str, size: int, classes: int, precision: str,
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-  with _native_stderr_silenced():
+  with native_stderr_silenced():
     return converter.convert()
 
 
