@@ -10,7 +10,7 @@ from helpers.export_models import BEANS
 
 from kdflax import cli
 from kdflax.commands import export
-from kdflax.export import flatbuffer
+from kdflax.export import inventory
 from kdflax.export.interpreter import TFLiteClassifier
 from kdflax.export.model_metadata import read_standard_metadata
 from kdflax.models import create_model
@@ -68,7 +68,7 @@ def test_output_logits_on_request(tmp_path, capsys):
   clf = TFLiteClassifier(out)
   assert clf.output_kind == 'logits' and clf.labels == LABELS
   assert clf.interpreter.get_signature_list()['serving_default']['outputs'] == ['logits']
-  assert 'SOFTMAX' not in flatbuffer.op_names(out.read_bytes())
+  assert 'SOFTMAX' not in inventory.op_names(out.read_bytes())
   standard = read_standard_metadata(out.read_bytes())
   assert standard.output_name == 'logits' and standard.labels == LABELS
 

@@ -3,7 +3,7 @@ matching JAX to 1e-4 when run by ai_edge_litert in a child process."""
 
 from helpers.export_models import init_calibrated, leaf_images
 
-from kdflax.export import flatbuffer, tflite
+from kdflax.export import inventory, tflite
 from kdflax.export.interpreter import TFLiteClassifier, read_model_metadata
 from kdflax.models import create_model
 
@@ -21,9 +21,9 @@ def test_large_student_at_224_converts_and_matches_jax(tmp_path):
   assert result.parity.passed and result.parity.num_images == 3
   assert result.parity.max_abs_diff <= 1e-4  # absolute, on the output probabilities
   content = out.read_bytes()
-  assert flatbuffer.non_builtin_ops(content) == []
+  assert inventory.non_builtin_ops(content) == []
   assert {'CONV_2D', 'DEPTHWISE_CONV_2D', 'HARD_SWISH', 'FULLY_CONNECTED', 'SOFTMAX'} <= set(
-      flatbuffer.op_names(content))
+      inventory.op_names(content))
   assert read_model_metadata(content)['input']['shape'] == [1, 224, 224, 3]
   clf = TFLiteClassifier(out)
   assert clf.interpreter.get_signature_list()['serving_default'] == {

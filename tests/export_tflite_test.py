@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers.export_models import TinyCNN, TinyGelu, init_calibrated, leaf_images
 
-from kdflax.export import flatbuffer, isolated, lowering, tflite
+from kdflax.export import flatbuffer, flatbuffer_edits, inventory, isolated, lowering, tflite
 from kdflax.export.interpreter import TFLiteClassifier, labels_path, read_model_metadata
 from kdflax.export.model_metadata import read_standard_metadata
 from kdflax.export.parity import compare_logits
@@ -44,18 +44,18 @@ def test_export_passes_parity_and_describes_itself(tmp_path, cnn, photos, precis
   assert _dir_listing(tmp_path) == sorted([out.name, f'tiny_{precision}.labels.txt'])
 
   content = out.read_bytes()
-  assert flatbuffer.non_builtin_ops(content) == []
-  ops = flatbuffer.op_names(content)
+  assert inventory.non_builtin_ops(content) == []
+  ops = inventory.op_names(content)
   if precision == 'int8':
     # Full integer up to the logits; only their DEQUANTIZE and a float SOFTMAX (probabilities
     # without int8 1/256 steps, on XNNPACK) follow.
     assert 'HARD_SWISH' not in ops  # lowered to ops XNNPACK runs quantized
     assert ops[-2:] == ['DEQUANTIZE', 'SOFTMAX'] and ops.count('SOFTMAX') == 1
-    assert flatbuffer.tensor_types(content).get('INT8', 0) > 10
+    assert inventory.tensor_types(content).get('INT8', 0) > 10
   else:
     assert ops.count('HARD_SWISH') == 2
   if precision == 'fp16':
-    assert 'DEQUANTIZE' in ops and flatbuffer.tensor_types(content).get('FLOAT16', 0) > 0
+    assert 'DEQUANTIZE' in ops and inventory.tensor_types(content).get('FLOAT16', 0) > 0
 
   meta = read_model_metadata(content)
   assert meta['labels'] == list(LABELS) and meta['precision'] == precision
@@ -152,8 +152,8 @@ def test_non_builtin_ops_are_detected(tmp_path, cnn):
   code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
   code.customCode = 'FlexErf'
   tampered = bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
-  assert flatbuffer.non_builtin_ops(content) == []
-  assert flatbuffer.non_builtin_ops(tampered) == ['CUSTOM:FlexErf']
+  assert inventory.non_builtin_ops(content) == []
+  assert inventory.non_builtin_ops(tampered) == ['CUSTOM:FlexErf']
 
 
 def test_failed_parity_leaves_the_old_file_and_no_temp(tmp_path, cnn, photos, monkeypatch):
@@ -250,7 +250,7 @@ def test_int8_graph_runs_in_one_xnnpack_partition(tmp_path, cnn, photos):
   plain = tflite.convert(tflite.serving_function(module, variables), SIZE, 'int8',
                          calibration_images=photos)
   (tmp_path / 'plain.tflite').write_bytes(plain)  # without the rewrites: HARD_SWISH splits it
-  assert 'HARD_SWISH' in flatbuffer.op_names(plain)
+  assert 'HARD_SWISH' in inventory.op_names(plain)
   assert TFLiteClassifier(tmp_path / 'plain.tflite').delegate_partitions > 1
 
 
@@ -277,11 +277,11 @@ def test_parity_criteria():
 def test_metadata_round_trip_and_replace(cnn):
   module, variables = cnn
   content = tflite.convert(tflite.serving_function(module, variables), SIZE, 'fp32')
-  once = flatbuffer.add_metadata(content, 'kdflax', json.dumps({'labels': ['x']}).encode())
-  twice = flatbuffer.add_metadata(once, 'kdflax', b'{"labels": ["y", "z"]}')
+  once = flatbuffer_edits.add_metadata(content, 'kdflax', json.dumps({'labels': ['x']}).encode())
+  twice = flatbuffer_edits.add_metadata(once, 'kdflax', b'{"labels": ["y", "z"]}')
   assert flatbuffer.read_metadata(content, 'kdflax') is None
   assert json.loads(flatbuffer.read_metadata(twice, 'kdflax')) == {'labels': ['y', 'z']}
-  assert flatbuffer.op_names(twice) == flatbuffer.op_names(content)
+  assert inventory.op_names(twice) == inventory.op_names(content)
   # The other metadata the converter wrote survives.
   assert flatbuffer.read_metadata(twice, 'min_runtime_version') is not None
 
@@ -324,10 +324,10 @@ def test_uint8_input_is_dequantized_not_cast(tmp_path, cnn, photos, precision):
   plain = tflite.convert(lowering.for_precision(tflite.serving_function(module, variables),
                                                 precision), SIZE, precision,
                          calibration_images=photos)
-  assert flatbuffer.op_names(plain)[0] == 'CAST'
-  fast = flatbuffer.dequantize_uint8_inputs(plain)
-  assert flatbuffer.op_names(fast)[0] == 'DEQUANTIZE' and 'CAST' not in flatbuffer.op_names(fast)
-  assert flatbuffer.dequantize_uint8_inputs(fast) == fast  # nothing left to rewrite
+  assert inventory.op_names(plain)[0] == 'CAST'
+  fast = flatbuffer_edits.dequantize_uint8_inputs(plain)
+  assert inventory.op_names(fast)[0] == 'DEQUANTIZE' and 'CAST' not in inventory.op_names(fast)
+  assert flatbuffer_edits.dequantize_uint8_inputs(fast) == fast  # nothing left to rewrite
   (tmp_path / 'plain.tflite').write_bytes(plain)
   (tmp_path / 'fast.tflite').write_bytes(fast)
   np.testing.assert_array_equal(isolated.run_isolated(tmp_path / 'fast.tflite', photos),
@@ -336,5 +336,5 @@ def test_uint8_input_is_dequantized_not_cast(tmp_path, cnn, photos, precision):
   tflite.export_tflite(module, variables, SIZE, out, precision, calibration_images=photos)
   clf = TFLiteClassifier(out)
   assert clf.input_dtype == np.uint8 and clf._input['quantization'] == (1.0, 0)
-  assert flatbuffer.op_names(out.read_bytes())[0] == 'DEQUANTIZE'
+  assert inventory.op_names(out.read_bytes())[0] == 'DEQUANTIZE'
   assert clf.delegate_partitions == 1

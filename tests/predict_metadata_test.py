@@ -13,7 +13,7 @@ import tensorflow as tf
 from helpers.export_models import BEANS, TinyCNN, init_calibrated, leaf_images
 
 from kdflax.commands import predict
-from kdflax.export import flatbuffer, tflite
+from kdflax.export import flatbuffer, flatbuffer_edits, tflite
 from kdflax.export.images import find_images, load_images
 from kdflax.export.interpreter import METADATA_NAME, TFLiteClassifier, labels_path
 from kdflax.export.model_metadata import read_standard_metadata
@@ -90,13 +90,13 @@ def test_older_kdflax_files(tmp_path, cnn, capsys):
   the sidecar, or nowhere (class indices). Scores are the softmax of the logits."""
   module, variables = cnn
   fn = tflite.serving_function(module, variables)  # logits
-  model = flatbuffer.dequantize_uint8_inputs(tflite.convert(fn, SIZE, 'fp32'))
+  model = flatbuffer_edits.dequantize_uint8_inputs(tflite.convert(fn, SIZE, 'fp32'))
   old_meta = {'format': 'kdflax-tflite/1', 'model': 'tiny', 'precision': 'fp32',
               'input': {'name': 'image', 'shape': [1, SIZE, SIZE, 3], 'dtype': 'uint8'},
               'output': {'name': 'logits', 'shape': [1, 3], 'dtype': 'float32'},
               'num_classes': 3, 'labels': list(LABELS)}
   with_meta = tmp_path / 'old.tflite'
-  with_meta.write_bytes(flatbuffer.add_metadata(model, METADATA_NAME,
+  with_meta.write_bytes(flatbuffer_edits.add_metadata(model, METADATA_NAME,
                                                 json.dumps(old_meta).encode()))
   sidecar_only = tmp_path / 'older.tflite'
   sidecar_only.write_bytes(model)

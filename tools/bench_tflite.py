@@ -43,7 +43,7 @@ def _keras_tflite(variant: str, size: int, classes: int, precision: str,
   import keras
   import tensorflow as tf
 
-  from kdflax.export.tflite import _native_stderr_silenced
+  from kdflax.export.converter import native_stderr_silenced
   build = getattr(keras.applications, f'MobileNetV3{variant.capitalize()}')
   model = build(input_shape=(size, size, 3), weights=None, classes=classes)
   converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -58,7 +58,7 @@ def _keras_tflite(variant: str, size: int, classes: int, precision: str,
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-  with _native_stderr_silenced():
+  with native_stderr_silenced():
     return converter.convert()
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--json', help='write all figures here')
   args = p.parse_args(argv)
 
-  from kdflax.export import flatbuffer
+  from kdflax.export import inventory
   from kdflax.export.images import sample_images
   from kdflax.export.interpreter import TFLiteClassifier
   from kdflax.export.isolated import benchmark_isolated
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
   for path in files.values():
     content = open(path, 'rb').read()
     results['models'][os.path.basename(path)] = {
-        'size_mb': len(content) / 1e6, 'ops': flatbuffer.op_histogram(content),
+        'size_mb': len(content) / 1e6, 'ops': inventory.op_histogram(content),
         'partitions': TFLiteClassifier(path).delegate_partitions, **info[path]}
 
   keys = list(files)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from kdflax.commands.common import parse_with_overrides, run_reporting_errors
-from kdflax.train.config import load_config
+import ml_collections
+
+from kdflax.commands.common import parse_with_overrides, run_with_config
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -38,19 +39,18 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-  command = argv[0]
-  args, overrides = parse_args(argv)
+  return run_with_config(argv, parse_args, _build)
 
-  def run() -> int:
-    from kdflax.train.checkpoint import resolve_model_dir
-    from kdflax.train.teacher_cache import build_cache
-    config = load_config(args.config, overrides)
-    manifest = build_cache(config, args.out, teacher_dir=resolve_model_dir(args.teacher_workdir),
-                           views=args.views, batch_size=args.batch_size,
-                           shard_images=args.shard_images)
-    print(json.dumps({'out': args.out, 'images': manifest['num_images'],
-                      'views': manifest['views'], 'arrays': manifest['arrays'],
-                      'build_seconds': manifest['build_seconds']}, indent=2))
-    return 0
 
-  return run_reporting_errors(command, run)
+def _build(command: str, args: argparse.Namespace,
+           config: ml_collections.ConfigDict) -> int:
+  """Builds the cache at `args.out`; prints its summary as JSON."""
+  from kdflax.train.checkpoint import resolve_model_dir
+  from kdflax.train.teacher_cache import build_cache
+  manifest = build_cache(config, args.out, teacher_dir=resolve_model_dir(args.teacher_workdir),
+                         views=args.views, batch_size=args.batch_size,
+                         shard_images=args.shard_images)
+  print(json.dumps({'out': args.out, 'images': manifest['num_images'],
+                    'views': manifest['views'], 'arrays': manifest['arrays'],
+                    'build_seconds': manifest['build_seconds']}, indent=2))
+  return 0

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+import ml_collections
+
 
 def parse_with_overrides(parser: argparse.ArgumentParser,
                          argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -15,6 +17,27 @@ def parse_with_overrides(parser: argparse.ArgumentParser,
   if bad:
     parser.error(f'unrecognised arguments: {" ".join(bad)}')
   return args, rest
+
+
+def run_with_config(argv: list[str],
+                    parse_args: Callable[[list[str]], tuple[argparse.Namespace, list[str]]],
+                    body: Callable[[str, argparse.Namespace, ml_collections.ConfigDict], int]
+                    ) -> int:
+  """A command's `main`: flags, then `body(command, args, config)` with errors reported.
+
+  `argv` starts with the command name; `parse_args(argv)` returns the flags and the
+  `--config.*` overrides; `args.config` is loaded with those overrides (inside the error
+  reporting, so a bad config is one line and exit code 2) and handed to `body`, whose return
+  value is the exit code (`run_reporting_errors`).
+  """
+  command = argv[0]
+  args, overrides = parse_args(argv)
+
+  def run() -> int:
+    from kdflax.train.config import load_config
+    return body(command, args, load_config(args.config, overrides))
+
+  return run_reporting_errors(command, run)
 
 
 def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:

@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from kdflax.data.photos import to_model_labels
+from kdflax.export.converter import PRECISIONS
 from kdflax.export.model_metadata import OUTPUTS
-from kdflax.export.tflite import INPUT_TYPES, PRECISIONS
+from kdflax.export.serving import INPUT_TYPES
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+import ml_collections
+
+from kdflax.commands.common import parse_with_overrides, run_with_config
 from kdflax.train.checkpoint import resolve_model_dir
-from kdflax.train.config import load_config
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -35,16 +36,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-  command = argv[0]
-  args, overrides = parse_args(argv)
+  return run_with_config(argv, parse_args, _run)
 
-  def run() -> int:
-    from kdflax.train.stages import run_stage
-    config = load_config(args.config, overrides)
-    teacher_dir = resolve_model_dir(getattr(args, 'teacher_workdir', None))
-    summary = run_stage(config, args.workdir, command, teacher_dir=teacher_dir)
-    print(json.dumps({k: summary[k] for k in ('stage', 'model', 'step', 'best', 'final',
-                                             'model_dir') if k in summary}, indent=2))
-    return 0
 
-  return run_reporting_errors(command, run)
+def _run(command: str, args: argparse.Namespace, config: ml_collections.ConfigDict) -> int:
+  """Runs stage `command` in `args.workdir`; prints its summary as JSON."""
+  from kdflax.train.stages import run_stage
+  teacher_dir = resolve_model_dir(getattr(args, 'teacher_workdir', None))
+  summary = run_stage(config, args.workdir, command, teacher_dir=teacher_dir)
+  print(json.dumps({k: summary[k] for k in ('stage', 'model', 'step', 'best', 'final',
+                                           'model_dir') if k in summary}, indent=2))
+  return 0

@@ -63,7 +63,8 @@ def export_model(module: nn.Module, variables: Mapping[str, Any], image_size: in
     ValueError, RuntimeError: conversion, interpreter or parity failure (one line).
   """
   from kdflax.export.report import accuracy, measure_tflite, write_report
-  from kdflax.export.tflite import export_tflite, jax_logits, serving_function
+  from kdflax.export.serving import jax_logits, serving_function
+  from kdflax.export.tflite import export_tflite
   from kdflax.models.complexity import count_macs, count_params
 
   if 'int8' in precisions and calibration is None:

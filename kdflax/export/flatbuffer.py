@@ -1,14 +1,4 @@
-"""Read and annotate `.tflite` flatbuffers without running them.
-
-Everything here parses the file with the TFLite schema only, so it is safe on graphs that would
-abort the LiteRT interpreter (e.g. int8 erf-GELU): the op list of a freshly converted model can
-be checked in the parent process, and only execution goes to a subprocess.
-
-    ops = op_names(model_bytes)                # ['DEQUANTIZE', 'QUANTIZE', 'CONV_2D', ...]
-    model_bytes = add_metadata(model_bytes, 'kdflax', json_bytes)
-    read_metadata(model_bytes, 'kdflax')       # -> json_bytes
-    model_bytes = dequantize_uint8_inputs(model_bytes)   # CAST -> DEQUANTIZE at the input
-    model_bytes = append_softmax(model_bytes)            # float SOFTMAX on the float output
+"""Bounds-checked reading of `.tflite` flatbuffers, without running them.
 
 Files from elsewhere are checked before use: `read_tflite(path)` (or `validate_tflite(bytes,
 path)`) raises `ModelFileError`, a `ValueError` with a one-line message naming the file, for an
@@ -17,26 +7,20 @@ tables, vectors or buffers points past the end of the file, or, in a file with s
 metadata, the zip of packed files after the flatbuffer is incomplete). A file cut exactly at
 the flatbuffer's end is a complete model that lost its packed files, as when a tool rewrites
 the flatbuffer: it passes, and its labels come from elsewhere.
+
+    content = read_tflite('student.tflite')    # bytes, validated
+    read_metadata(content, 'kdflax')           # -> the bytes of metadata entry 'kdflax', or None
+
+What a model contains (op list, tensor types) is in `inventory.py`; copies of a model with
+one change (a metadata entry, the DEQUANTIZE input, a float SOFTMAX) in `flatbuffer_edits.py`.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import struct
 import zipfile
-from collections import Counter
-
-import numpy as np
-from ai_edge_litert import schema_py_generated as schema
-from ai_edge_litert.tools import flatbuffer_utils
-
-
-@functools.cache
-def _builtin_names() -> dict[int, str]:
-  return {v: k for k, v in vars(schema.BuiltinOperator).items()
-          if not k.startswith('_') and isinstance(v, int)}
 
 
 class ModelFileError(ValueError):
@@ -229,53 +213,6 @@ def read_tflite(path: str | os.PathLike) -> bytes:
   return content
 
 
-def _model(model: bytes | bytearray) -> schema.Model:
-  validate_tflite(model)
-  return schema.Model.GetRootAs(model, 0)
-
-
-def op_codes(model: bytes | bytearray) -> list[str]:
-  """Operator codes a model declares: builtins by name, custom ops as `CUSTOM:<code>`."""
-  m = _model(model)
-  names = _builtin_names()
-  out = []
-  for i in range(m.OperatorCodesLength()):
-    code = m.OperatorCodes(i)
-    builtin = flatbuffer_utils.get_builtin_code_from_operator_code(code)
-    if builtin == schema.BuiltinOperator.CUSTOM:
-      custom = code.CustomCode()
-      out.append('CUSTOM:' + (custom.decode() if custom else '?'))
-    else:
-      out.append(names.get(builtin, f'BUILTIN_{builtin}'))
-  return out
-
-
-def op_names(model: bytes | bytearray, subgraph: int = 0) -> list[str]:
-  """Operator names of `subgraph` in execution order (one entry per node)."""
-  m = _model(model)
-  codes = op_codes(model)
-  g = m.Subgraphs(subgraph)
-  return [codes[g.Operators(i).OpcodeIndex()] for i in range(g.OperatorsLength())]
-
-
-def op_histogram(model: bytes | bytearray) -> dict[str, int]:
-  """`{op name: count}` over the main subgraph, most frequent first."""
-  return dict(Counter(op_names(model)).most_common())
-
-
-def non_builtin_ops(model: bytes | bytearray) -> list[str]:
-  """Custom and Flex (TF select) ops, which a stock LiteRT runtime cannot run; [] when clean."""
-  return sorted({c for c in op_codes(model) if c.startswith('CUSTOM:')})
-
-
-def tensor_types(model: bytes | bytearray, subgraph: int = 0) -> dict[str, int]:
-  """`{tensor type name: count}` of the subgraph's tensors (e.g. how many stay FLOAT32)."""
-  m = _model(model)
-  g = m.Subgraphs(subgraph)
-  names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith('_')}
-  return dict(Counter(names.get(g.Tensors(i).Type(), '?') for i in range(g.TensorsLength())))
-
-
 def read_metadata(model: bytes | bytearray, name: str, path: str = 'the model'
                   ) -> bytes | None:
   """The bytes stored under metadata entry `name`, or None when the model has none.
@@ -300,122 +237,3 @@ def read_metadata(model: bytes | bytearray, name: str, path: str = 'the model'
     return None
   except (struct.error, IndexError, OverflowError) as e:  # a gap in the checks above
     raise ModelFileError(f'{path} is truncated or corrupt: {e}') from None
-
-
-def add_metadata(model: bytes | bytearray, name: str, data: bytes) -> bytes:
-  """A copy of `model` with metadata entry `name` set to `data` (replaced if present).
-
-  Metadata entries are ignored by the interpreter; they travel with the file, so an app (or
-  `kdflax predict`) can read the labels and the input format from the model itself.
-  """
-  obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
-  for buf in obj.buffers:
-    if buf.offset:
-      raise ValueError('models with offset buffers (> 2 GB) cannot be annotated')
-  obj.metadata = [e for e in (obj.metadata or []) if e.name not in (name, name.encode())]
-  buffer = schema.BufferT()
-  buffer.data = np.frombuffer(bytes(data), dtype=np.uint8)
-  obj.buffers.append(buffer)
-  entry = schema.MetadataT()
-  entry.name = name
-  entry.buffer = len(obj.buffers) - 1
-  obj.metadata.append(entry)
-  return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
-
-
-def dequantize_uint8_inputs(model: bytes | bytearray) -> bytes:
-  """A copy of `model` whose uint8 -> float32 CASTs of graph inputs are DEQUANTIZE ops.
-
-  jax2tf turns `image.astype(float32)` into CAST, which XNNPACK does not take: LiteRT runs it
-  with its scalar builtin kernel, 1.5-3% of MobileNetV3-Large's fp32 latency at 224 px (one
-  thread; `docs/benchmarks.md`). The input tensor is given the identity quantization
-  (scale 1, zero point 0), under which DEQUANTIZE computes exactly `float(q)` and XNNPACK runs
-  it as a vectorised convert. The app still feeds raw uint8 pixels; the values are unchanged.
-  Other CASTs are left alone; a model with none is returned unchanged.
-  """
-  obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
-  codes = obj.operatorCodes
-  changed = False
-  for graph in obj.subgraphs:
-    inputs = {int(i) for i in graph.inputs}
-    for op in graph.operators:
-      if flatbuffer_utils.get_builtin_code_from_operator_code(
-          codes[op.opcodeIndex]) != schema.BuiltinOperator.CAST:
-        continue
-      src, dst = graph.tensors[op.inputs[0]], graph.tensors[op.outputs[0]]
-      if (int(op.inputs[0]) not in inputs or src.type != schema.TensorType.UINT8
-          or dst.type != schema.TensorType.FLOAT32
-          or (src.quantization is not None and src.quantization.scale is not None
-              and len(src.quantization.scale))):
-        continue
-      op.opcodeIndex = _opcode_index(codes, schema.BuiltinOperator.DEQUANTIZE)
-      op.builtinOptionsType = schema.BuiltinOptions.NONE
-      op.builtinOptions = None
-      quant = schema.QuantizationParametersT()
-      quant.scale = np.ones(1, np.float32)
-      quant.zeroPoint = np.zeros(1, np.int64)
-      src.quantization = quant
-      changed = True
-  if not changed:
-    return bytes(model)
-  return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
-
-
-def append_softmax(model: bytes | bytearray) -> bytes:
-  """A copy of `model` whose single float32 `(B, K)` output goes through a float SOFTMAX.
-
-  For full-int8 classifiers: the converter would quantize a softmax in the graph (int8
-  SOFTMAX, output steps of 1/256, so close classes tie, and XNNPACK does not take it: a
-  second delegate partition). Appended after the final DEQUANTIZE it runs in float, on
-  XNNPACK, in the same partition. The signature's output keeps its name and now names the
-  new tensor.
-
-  Raises:
-    ValueError: the model does not have exactly one float32 output.
-  """
-  obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(model))
-  graph = obj.subgraphs[0]
-  if len(graph.outputs) != 1:
-    raise ValueError(f'append_softmax: expected one output, found {len(graph.outputs)}')
-  src = int(graph.outputs[0])
-  logits = graph.tensors[src]
-  if logits.type != schema.TensorType.FLOAT32:
-    raise ValueError('append_softmax: the output is not float32')
-  buffer = schema.BufferT()
-  obj.buffers.append(buffer)
-  out = schema.TensorT()
-  out.shape = np.array(logits.shape, np.int32)
-  if logits.shapeSignature is not None:
-    out.shapeSignature = np.array(logits.shapeSignature, np.int32)
-  out.type = schema.TensorType.FLOAT32
-  out.buffer = len(obj.buffers) - 1
-  out.name = 'softmax_output'
-  graph.tensors.append(out)
-  dst = len(graph.tensors) - 1
-  op = schema.OperatorT()
-  op.opcodeIndex = _opcode_index(obj.operatorCodes, schema.BuiltinOperator.SOFTMAX)
-  op.inputs = np.array([src], np.int32)
-  op.outputs = np.array([dst], np.int32)
-  op.builtinOptionsType = schema.BuiltinOptions.SoftmaxOptions
-  op.builtinOptions = schema.SoftmaxOptionsT()
-  op.builtinOptions.beta = 1.0
-  graph.operators.append(op)
-  graph.outputs = np.array([dst], np.int32)
-  for signature in obj.signatureDefs or []:
-    for entry in signature.outputs or []:
-      if entry.tensorIndex == src:
-        entry.tensorIndex = dst
-  return bytes(flatbuffer_utils.convert_object_to_bytearray(obj))
-
-
-def _opcode_index(codes: list, builtin: int) -> int:
-  """Index of `builtin` in the model's operator codes, appended (version 1) if absent."""
-  for i, code in enumerate(codes):
-    if flatbuffer_utils.get_builtin_code_from_operator_code(code) == builtin:
-      return i
-  code = schema.OperatorCodeT()
-  code.builtinCode = builtin
-  code.deprecatedBuiltinCode = min(builtin, schema.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES)
-  code.version = 1
-  codes.append(code)
-  return len(codes) - 1

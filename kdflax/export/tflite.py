@@ -13,7 +13,8 @@ The exported model (every precision):
     interest; `images.load_image` / `view.eval_view` produce the same array). The
     uint8 input carries the identity quantization (scale 1, zero point 0) and enters the graph
     through DEQUANTIZE, which XNNPACK vectorises (a CAST there runs on LiteRT's scalar kernel;
-    `flatbuffer.dequantize_uint8_inputs`). (`input_type='float32'` gives a float 0..1 input.)
+    `flatbuffer_edits.dequantize_uint8_inputs`). (`input_type='float32'` gives a float 0..1
+    input.)
   - builtin TFLite ops only (no Flex / SELECT_TF_OPS, no custom ops): checked, else an error.
   - fp16: float16 weights, float compute. int8: full-integer quantization (per-channel
     weights, int8 activations) calibrated on the given REAL images; the uint8 input and
@@ -25,9 +26,9 @@ The exported model (every precision):
     labels, input format, output kind, precision, model name), and `NAME.labels.txt` beside
     the file (one class per line) when labels are given.
 
-Conversion: the serving function is lowered with `jax2tf` (native StableHLO serialization,
-static shapes) inside a `tf.function` with a named input signature, then
-`tf.lite.TFLiteConverter.from_concrete_functions`. The `.tflite` is then run in a child
+Conversion: the serving function (`serving.py`), re-expressed with the ops LiteRT runs fast
+(`lowering.py`), is lowered with `jax2tf` and converted by the TFLite converter
+(`converter.py`). The `.tflite` is then run in a child
 process (`isolated.py`) on the parity images and compared with JAX (`parity.py`); the file
 appears at `out_path` (atomic rename) only if conversion, the interpreter and parity all
 succeed, or parity fails with `allow_mismatch=True`.
@@ -35,22 +36,20 @@ succeed, or parity fails with `allow_mismatch=True`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
 from kdflax import atomic
-from kdflax.export import flatbuffer, lowering
+from kdflax.export import flatbuffer_edits, inventory, lowering
+from kdflax.export.converter import PRECISIONS, ExportError, convert, first_line
 from kdflax.export.interpreter import (
   INPUT_NAME,
   METADATA_NAME,
@@ -58,25 +57,9 @@ from kdflax.export.interpreter import (
   labels_path,
 )
 from kdflax.export.isolated import InterpreterCrash, run_isolated
-from kdflax.export.model_metadata import OUTPUTS, write_standard_metadata
+from kdflax.export.model_metadata import write_standard_metadata
 from kdflax.export.parity import ParityResult, compare_logits
-from kdflax.models.depthwise import reference_form
-
-PRECISIONS = ('fp32', 'fp16', 'int8')
-INPUT_TYPES = ('uint8', 'float32')
-# JAX primitives the TFLite converter turns into float-only polynomials: at int8 they convert,
-# then the interpreter aborts the process (docs/export.md), so they are refused up front.
-INT8_BLOCKERS = {
-    'erf': 'erf (exact GELU)',
-    'erfc': 'erfc (exact GELU)',
-    'erf_inv': 'erf_inv',
-    'lgamma': 'lgamma',
-    'digamma': 'digamma',
-}
-
-
-class ExportError(RuntimeError):
-  """The model cannot be exported as asked; the message says why in one line."""
+from kdflax.export.serving import int8_blockers, jax_logits, serving_function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,181 +76,15 @@ class ExportResult:
   output: str = 'probabilities'   # what the file outputs: 'probabilities' or 'logits'
 
 
-def serving_function(module: nn.Module, variables: Mapping[str, Any],
-                     input_type: str = 'uint8', output: str = 'logits'
-                     ) -> Callable[[jax.Array], jax.Array]:
-  """The function that gets exported: raw image batch -> logits or probabilities.
+@dataclasses.dataclass(frozen=True)
+class _FileSpec:
+  """What the file takes and gives: `(batch, S, S, 3)` `input_type` -> `(batch, K)` `output`."""
 
-  `input_type='uint8'`: `(B, S, S, 3)` uint8 0..255; `'float32'`: float 0..1. Returns
-  `(B, K)` float32 of `module` in eval mode with `variables` baked in as constants: the
-  logits (`output='logits'`, the default here) or their softmax (`'probabilities'`, what
-  `export_tflite` exports by default).
-  """
-  if input_type not in INPUT_TYPES:
-    raise ValueError(f'input_type must be one of {INPUT_TYPES}, got {input_type!r}')
-  if output not in OUTPUTS:
-    raise ValueError(f'output must be one of {OUTPUTS}, got {output!r}')
-  variables = jax.tree.map(jnp.asarray, dict(variables))
-  module = reference_form(module)  # grouped convolutions -> TFLite DEPTHWISE_CONV_2D
-
-  def fn(image):
-    x = image.astype(jnp.float32)
-    if input_type == 'uint8':
-      x = x * (1.0 / 255.0)
-    logits = module.apply(variables, x, train=False).astype(jnp.float32)
-    return jax.nn.softmax(logits, axis=-1) if output == 'probabilities' else logits
-
-  return fn
-
-
-def _primitives(jaxpr) -> Iterator[str]:
-  for eqn in jaxpr.eqns:
-    yield eqn.primitive.name
-    for sub in jex.core.jaxprs_in_params(eqn.params):
-      yield from _primitives(sub)
-
-
-def int8_blockers(fn: Callable, example: jax.ShapeDtypeStruct) -> list[str]:
-  """Names of the ops in `fn` that a full-int8 TFLite graph cannot run (see `INT8_BLOCKERS`)."""
-  closed = jax.make_jaxpr(fn)(example)
-  return sorted({INT8_BLOCKERS[p] for p in _primitives(closed.jaxpr) if p in INT8_BLOCKERS})
-
-
-def _input_array(images: np.ndarray, input_type: str) -> np.ndarray:
-  images = np.asarray(images)
-  if images.dtype != np.uint8:
-    raise ValueError(f'images must be uint8 RGB 0..255, got {images.dtype}')
-  return images if input_type == 'uint8' else images.astype(np.float32) / 255.0
-
-
-def _batched(images: np.ndarray, batch: int) -> Iterator[np.ndarray]:
-  """Chunks of exactly `batch` images (the last one padded by repeating its last image)."""
-  for start in range(0, len(images), batch):
-    chunk = images[start:start + batch]
-    if len(chunk) < batch:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-    yield chunk
-
-
-def convert(fn: Callable, image_size: int, precision: str = 'fp32', batch: int = 1,
-            input_type: str = 'uint8', calibration_images: np.ndarray | None = None,
-            output_name: str = 'logits') -> bytes:
-  """Converts a serving function to `.tflite` bytes (builtin ops only); no checks run.
-
-  Args:
-    fn: `(batch, S, S, 3)` input -> `(batch, K)` float32, e.g. from `serving_function`.
-    image_size: S.
-    precision: 'fp32', 'fp16' or 'int8'.
-    batch: static batch size of the exported input.
-    input_type: dtype of the input (see `serving_function`).
-    calibration_images: `(N, S, S, 3)` uint8 real images; required for int8.
-    output_name: the signature's output name ('logits' or 'probabilities').
-
-  Raises:
-    ExportError: the converter failed, or the graph needs non-builtin (Flex/custom) ops.
-  """
-  import tensorflow as tf
-  from jax.experimental import jax2tf
-
-  if precision not in PRECISIONS:
-    raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
-  dtype = tf.uint8 if input_type == 'uint8' else tf.float32
-  spec = tf.TensorSpec((batch, image_size, image_size, 3), dtype, name=INPUT_NAME)
-  converted = jax2tf.convert(fn, with_gradient=False)
-  holder = tf.Module()
-
-  @tf.function(input_signature=[spec], autograph=False)
-  def serve(image):
-    return {output_name: converted(image)}
-
-  holder.serve = serve
-  try:
-    concrete = serve.get_concrete_function()
-  except Exception as e:  # noqa: BLE001 - jax2tf raises many types
-    raise ExportError(f'jax2tf could not lower the model: {_first_line(e)}') from None
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
-  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-  if precision == 'fp16':
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.target_spec.supported_types = [tf.float16]
-  elif precision == 'int8':
-    if calibration_images is None or not len(calibration_images):
-      raise ExportError('int8 export needs calibration images (a folder of real photos)')
-    calib = _input_array(calibration_images, input_type)
-
-    def representative():
-      for chunk in _batched(calib, batch):
-        yield [chunk]
-
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if input_type == 'uint8':
-      converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.float32
-  try:
-    with _native_stderr_silenced():
-      model = converter.convert()
-  except Exception as e:  # noqa: BLE001 - ConverterError and friends
-    text = str(e)
-    if 'Flex' in text or 'SELECT_TF_OPS' in text or 'select TF ops' in text.lower():
-      raise ExportError(f'the model needs ops outside the TFLite builtins (Flex / '
-                        f'SELECT_TF_OPS), which are not allowed: {_ops_in(text)}') from None
-    hint = ''
-    if 'not part of the vhlo support' in text or 'failed to legalize' in text:
-      hint = ' (no TFLite builtin op implements it; Flex / SELECT_TF_OPS are not allowed)'
-    raise ExportError(f'TFLite conversion ({precision}) failed: {_first_line(e)}{hint}') from None
-  bad = flatbuffer.non_builtin_ops(model)
-  if bad:
-    raise ExportError(f'the converted model uses non-builtin ops {bad}; only TFLite builtins '
-                      'are allowed (no Flex / SELECT_TF_OPS / custom ops)')
-  return model
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-  """Drops what C++ code writes to fd 2 meanwhile (the converter's MLIR dumps and logs).
-
-  The converter's exception carries the error itself; set KDFLAX_EXPORT_VERBOSE=1 to see
-  the full native output.
-  """
-  if os.environ.get('KDFLAX_EXPORT_VERBOSE'):
-    yield
-    return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  try:
-    with open(os.devnull, 'w') as null:
-      os.dup2(null.fileno(), 2)
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-
-
-def _first_line(e: BaseException) -> str:
-  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-  for ln in lines:  # converter messages start with a location; prefer the 'error:' line
-    if 'error:' in ln:
-      return ln[ln.index('error:'):]
-  return lines[0] if lines else type(e).__name__
-
-
-def _ops_in(text: str) -> str:
-  for ln in text.splitlines():
-    if 'ops' in ln.lower() and ('tf.' in ln or 'Flex' in ln):
-      return ln.strip()
-  return _first_line(RuntimeError(text))
-
-
-def jax_logits(fn: Callable, images: np.ndarray, batch: int = 1,
-               input_type: str = 'uint8') -> np.ndarray:
-  """`(N, S, S, 3)` uint8 -> `(N, K)` outputs of the serving function (logits or
-  probabilities, whichever it returns), in `batch`-sized calls."""
-  x = _input_array(images, input_type)
-  jitted = jax.jit(fn)
-  out = [np.asarray(jitted(chunk)) for chunk in _batched(x, batch)]
-  return np.concatenate(out)[:len(images)]
+  image_size: int   # S
+  precision: str    # 'fp32', 'fp16' or 'int8'
+  batch: int
+  input_type: str   # 'uint8' or 'float32'
+  output: str       # 'probabilities' or 'logits'
 
 
 def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: int,
@@ -314,11 +131,34 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
   fn = serving_function(module, variables, input_type, output)
   example = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
                                  jnp.uint8 if input_type == 'uint8' else jnp.float32)
+  num_classes = _checked_num_classes(fn, example, precision, labels, calibration_images)
+  parity_images = _checked_parity_images(parity_images, calibration_images, image_size)
+  spec = _FileSpec(image_size, precision, batch, input_type, output)
+  model = _converted(module, variables, fn, spec, calibration_images)
+  model = _with_metadata(model, spec, num_classes, labels, model_name, version, description)
+  parity = _write_checked(model, out_path, fn, spec, parity_images, allow_mismatch,
+                          on_mismatch)
+  sidecar = _write_labels(out_path, labels)
+  return ExportResult(path=out_path, precision=precision, num_classes=num_classes,
+                      size_mb=len(model) / 1e6,
+                      ops=inventory.op_histogram(model), parity=parity,
+                      labels_path=sidecar, output=output)
+
+
+def _checked_num_classes(fn: Callable, example: jax.ShapeDtypeStruct, precision: str,
+                         labels: Sequence[str], calibration_images: np.ndarray | None) -> int:
+  """K of the `(B, K)` output, after checking the labels and what int8 export needs.
+
+  Raises:
+    ExportError: `fn` does not run on `example`; at int8, an int8-incapable op or no
+      calibration images.
+    ValueError: the number of labels is not K.
+  """
   try:
     out_shape = jax.eval_shape(fn, example)
   except Exception as e:  # noqa: BLE001
     raise ExportError(f'the model does not run on {example.shape} {example.dtype} input: '
-                      f'{_first_line(e)}') from None
+                      f'{first_line(e)}') from None
   num_classes = int(out_shape.shape[-1])
   if labels and len(labels) != num_classes:
     raise ValueError(f'{len(labels)} labels for a model with {num_classes} classes')
@@ -331,6 +171,17 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
           'aborts); export fp16 or fp32 instead, or use tanh-approximate GELU')
     if calibration_images is None or not len(calibration_images):
       raise ExportError('int8 export needs calibration_images: real photos (--calibration DIR)')
+  return num_classes
+
+
+def _checked_parity_images(parity_images: np.ndarray | None,
+                           calibration_images: np.ndarray | None,
+                           image_size: int) -> np.ndarray:
+  """The parity set (given, else the calibration images, else 8 fixed random images).
+
+  Raises:
+    ValueError: the calibration or parity images are not `(N, S, S, 3)`.
+  """
   if parity_images is None:
     parity_images = calibration_images
   if parity_images is None or not len(parity_images):
@@ -340,72 +191,107 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
     if arr is not None and np.asarray(arr).shape[1:] != (image_size, image_size, 3):
       raise ValueError(f'{name}: expected (N, {image_size}, {image_size}, 3) uint8, '
                        f'got {np.asarray(arr).shape}')
+  return parity_images
 
+
+def _converted(module: nn.Module, variables: Mapping[str, Any], fn: Callable,
+               spec: _FileSpec, calibration_images: np.ndarray | None) -> bytes:
+  """The `.tflite` bytes of `fn`, lowered for the precision and edited for LiteRT, no metadata."""
   # Same function, re-expressed with ops LiteRT runs fast at this precision (lowering.py);
-  # the JAX reference below still uses `fn` itself. At int8 the softmax is not converted
-  # (it would be an int8 SOFTMAX: 1/256 steps, off XNNPACK) but appended in float after
-  # the output's DEQUANTIZE (`flatbuffer.append_softmax`).
-  float_softmax = precision == 'int8' and output == 'probabilities'
-  converted_fn = serving_function(module, variables, input_type, 'logits') if float_softmax \
-      else fn
-  export_fn = lowering.for_precision(converted_fn, precision)
-  model = convert(export_fn, image_size, precision, batch, input_type, calibration_images,
-                  output_name=output)
+  # the JAX reference still uses `fn` itself. At int8 the softmax is not converted (it
+  # would be an int8 SOFTMAX: 1/256 steps, off XNNPACK) but appended in float after the
+  # output's DEQUANTIZE (`flatbuffer_edits.append_softmax`).
+  float_softmax = spec.precision == 'int8' and spec.output == 'probabilities'
+  converted_fn = serving_function(module, variables, spec.input_type, 'logits') \
+      if float_softmax else fn
+  export_fn = lowering.for_precision(converted_fn, spec.precision)
+  model = convert(export_fn, spec.image_size, spec.precision, spec.batch, spec.input_type,
+                  calibration_images, output_name=spec.output)
   if float_softmax:
-    model = flatbuffer.append_softmax(model)
-  if input_type == 'uint8':
-    model = flatbuffer.dequantize_uint8_inputs(model)  # vectorised uint8 -> float in XNNPACK
+    model = flatbuffer_edits.append_softmax(model)
+  if spec.input_type == 'uint8':
+    model = flatbuffer_edits.dequantize_uint8_inputs(model)  # vectorised uint8 -> float
+  return model
+
+
+def _kdflax_entry(spec: _FileSpec, num_classes: int, labels: Sequence[str],
+                  model_name: str) -> dict[str, Any]:
+  """kdflax's own metadata entry (JSON; read back by `interpreter.read_model_metadata`)."""
+  batch, size, input_type = spec.batch, spec.image_size, spec.input_type
   meta = {
-      'format': 'kdflax-tflite/1', 'model': model_name, 'precision': precision,
+      'format': 'kdflax-tflite/1', 'model': model_name, 'precision': spec.precision,
       'signature': SIGNATURE_KEY,
-      'input': {'name': INPUT_NAME, 'shape': [batch, image_size, image_size, 3],
+      'input': {'name': INPUT_NAME, 'shape': [batch, size, size, 3],
                 'dtype': input_type, 'range': [0, 255] if input_type == 'uint8' else [0, 1],
                 'layout': 'NHWC', 'channels': 'RGB',
                 'resize': 'centre square of side short * S / max(S, floor(S / 0.875)), '
                           'bilinear to S x S as MediaPipe samples a region of interest'},
-      'output': {'name': output, 'shape': [batch, num_classes], 'dtype': 'float32',
-                 'kind': output},
+      'output': {'name': spec.output, 'shape': [batch, num_classes], 'dtype': 'float32',
+                 'kind': spec.output},
       'num_classes': num_classes, 'labels': list(labels),
   }
   if input_type == 'float32':
     meta['input_scale'] = 1.0 / 255.0
-  model = flatbuffer.add_metadata(model, METADATA_NAME, json.dumps(meta).encode())
+  return meta
+
+
+def _with_metadata(model: bytes, spec: _FileSpec, num_classes: int, labels: Sequence[str],
+                   model_name: str, version: str, description: str) -> bytes:
+  """`model` with kdflax's JSON entry, then the standard metadata and its packed labels.
+
+  Raises:
+    ExportError: the standard metadata writer failed.
+  """
+  meta = _kdflax_entry(spec, num_classes, labels, model_name)
+  model = flatbuffer_edits.add_metadata(model, METADATA_NAME, json.dumps(meta).encode())
   # Last: the standard metadata's packed label file is a zip appended to the flatbuffer,
   # which re-serialising the model (add_metadata) would drop.
   try:
-    model = write_standard_metadata(
+    return write_standard_metadata(
         model, name=model_name or 'kdflax classifier',
         description=description or (
-            f'{model_name or "kdflax"} image classifier ({num_classes} classes, {precision}, '
-            f'{image_size} px); input: the photo\'s centre box (kdflax eval view) as RGB '
-            f'{input_type}; output: class {output}.'),
-        version=version or f'{precision}', labels=labels, input_type=input_type,
-        output=output)
+            f'{model_name or "kdflax"} image classifier ({num_classes} classes, '
+            f'{spec.precision}, {spec.image_size} px); input: the photo\'s centre box (kdflax '
+            f'eval view) as RGB {spec.input_type}; output: class {spec.output}.'),
+        version=version or f'{spec.precision}', labels=labels, input_type=spec.input_type,
+        output=spec.output)
   except RuntimeError as e:
     raise ExportError(str(e)) from None
 
+
+def _write_checked(model: bytes, out_path: str, fn: Callable, spec: _FileSpec,
+                   parity_images: np.ndarray, allow_mismatch: bool,
+                   on_mismatch: Callable[[ParityResult], None] | None) -> ParityResult:
+  """Writes `model` to `out_path` (atomically) if it runs in LiteRT and agrees with `fn`.
+
+  Raises:
+    ExportError: the interpreter crashed, or parity failed without `allow_mismatch`;
+      `out_path` is then left as it was.
+  """
   with atomic.staged_file(out_path) as tmp:
     with open(tmp, 'wb') as f:
       f.write(model)
     try:
       got = run_isolated(tmp, parity_images)
     except InterpreterCrash as e:
-      raise ExportError(f'{precision} model does not run in LiteRT: '
+      raise ExportError(f'{spec.precision} model does not run in LiteRT: '
                         f'{str(e).replace(tmp, os.path.basename(out_path))}') from None
-    want = jax_logits(fn, parity_images, batch, input_type)
-    parity = compare_logits(precision, got, want)
+    want = jax_logits(fn, parity_images, spec.batch, spec.input_type)
+    parity = compare_logits(spec.precision, got, want)
     if not parity.passed:
       if not allow_mismatch:
         raise ExportError(f'{out_path}: {parity.summary()} (pass allow_mismatch / '
                           '--allow-mismatch to write it anyway)')
       if on_mismatch is not None:
         on_mismatch(parity)
+  return parity
+
+
+def _write_labels(out_path: str, labels: Sequence[str]) -> str | None:
+  """Writes (or, without labels, removes) the `NAME.labels.txt` sidecar; its path or None."""
   sidecar = labels_path(out_path)
   if labels:
     atomic.write_text(sidecar, ''.join(f'{name}\n' for name in labels))
   else:
     atomic.remove_file(sidecar)  # a stale sidecar from an earlier export would mislabel this model
-  return ExportResult(path=out_path, precision=precision, num_classes=num_classes,
-                      size_mb=len(model) / 1e6,
-                      ops=flatbuffer.op_histogram(model), parity=parity,
-                      labels_path=sidecar if labels else None, output=output)
+  return sidecar if labels else None

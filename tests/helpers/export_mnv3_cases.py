@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers.export_models import leaf_images, train_briefly
-from kdflax.export import flatbuffer, isolated, lowering, tflite
+from kdflax.export import inventory, isolated, lowering, tflite
 from kdflax.export.interpreter import TFLiteClassifier
 from kdflax.models import create_model
 from kdflax.models.complexity import count_params
@@ -47,9 +47,9 @@ def test_fp32_export_passes_parity(tmp_path, student, photos):
                                 labels=LABELS, model_name=name)
   assert result.parity.passed and result.parity.max_abs_diff < 1e-4, result.parity.summary()
   content = out.read_bytes()
-  assert flatbuffer.non_builtin_ops(content) == []
+  assert inventory.non_builtin_ops(content) == []
   hard_swish = lowering.count_calls(fn, spec, ('hard_silu',))
-  assert flatbuffer.op_names(content).count('HARD_SWISH') == hard_swish > 10
+  assert inventory.op_names(content).count('HARD_SWISH') == hard_swish > 10
   clf = TFLiteClassifier(out)
   assert clf.delegate_partitions == 1 and clf.labels == LABELS
 
@@ -63,7 +63,7 @@ def test_fp16_export_passes_parity(tmp_path, student, photos):
                                 calibration_images=photos['calib'], parity_images=photos['val'],
                                 labels=LABELS)
   assert result.parity.passed and result.parity.top1_agreement == 1.0, result.parity.summary()
-  assert flatbuffer.tensor_types(out.read_bytes()).get('FLOAT16', 0) > 50
+  assert inventory.tensor_types(out.read_bytes()).get('FLOAT16', 0) > 50
   probs = lambda v: tflite.serving_function(module, v, output='probabilities')
   want = tflite.jax_logits(probs(variables), photos['val'])
   half = jax.tree.map(lambda x: np.asarray(x).astype(np.float16).astype(np.float32), variables)
@@ -83,13 +83,13 @@ def test_int8_export_is_fully_quantized_and_passes_parity(tmp_path, student, pho
                                 parity_images=photos['calib'], labels=LABELS)
   assert result.parity.passed and result.parity.top1_agreement >= 0.98, result.parity.summary()
   content = out.read_bytes()
-  ops = flatbuffer.op_names(content)
-  assert 'HARD_SWISH' not in ops and flatbuffer.non_builtin_ops(content) == []
+  ops = inventory.op_names(content)
+  assert 'HARD_SWISH' not in ops and inventory.non_builtin_ops(content) == []
   # uint8 pixels -> float (exact, identity quantization) -> int8; int8 logits -> float ->
   # float SOFTMAX (probabilities).
   assert ops[:2] == ['DEQUANTIZE', 'QUANTIZE'] and ops[-2:] == ['DEQUANTIZE', 'SOFTMAX']
   assert ops.count('QUANTIZE') == 1 and ops.count('DEQUANTIZE') == 2 and 'CAST' not in ops
-  types = flatbuffer.tensor_types(content)
+  types = inventory.tensor_types(content)
   assert types['INT8'] > 5 * types.get('FLOAT32', 0)
   clf = TFLiteClassifier(out)
   assert clf.delegate_partitions == 1
