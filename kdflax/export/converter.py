@@ -6,12 +6,14 @@ The function is lowered with `jax2tf` (native StableHLO serialization, static sh
 `tf.function` with a named input signature, then converted with
 `tf.lite.TFLiteConverter.from_concrete_functions`, TFLite builtin ops only. A converter failure
 or a non-builtin op in the result is an `ExportError` with a one-line message; the converter's
-native log output is dropped unless KDFLAX_EXPORT_VERBOSE=1.
+native log output is dropped unless KDFLAX_EXPORT_VERBOSE=1. int8 activation ranges are the
+99.99th-percentile intervals of the calibration activations (`int8_ranges.py`), not min/max.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,11 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from kdflax.export import inventory
+from kdflax.export import int8_ranges, inventory
 from kdflax.export.interpreter import INPUT_NAME
 from kdflax.export.serving import batched, input_array
 
 PRECISIONS = ('fp32', 'fp16', 'int8')
+# int8 activation ranges: the 0.01st-99.99th percentile interval of the calibration values
+# (docs/export.md: half the int8 error of min/max on the demo student).
+DEFAULT_ACTIVATION_PERCENTILE = 99.99
 
 
 class ExportError(RuntimeError):
@@ -32,7 +37,8 @@ class ExportError(RuntimeError):
 
 def convert(fn: Callable, image_size: int, precision: str = 'fp32', batch: int = 1,
             input_type: str = 'uint8', calibration_images: np.ndarray | None = None,
-            output_name: str = 'logits') -> bytes:
+            output_name: str = 'logits',
+            activation_percentile: float | None = DEFAULT_ACTIVATION_PERCENTILE) -> bytes:
   """Converts a serving function to `.tflite` bytes (builtin ops only); no checks run.
 
   Args:
@@ -43,6 +49,9 @@ def convert(fn: Callable, image_size: int, precision: str = 'fp32', batch: int =
     input_type: dtype of the input (see `serving_function`).
     calibration_images: `(N, S, S, 3)` uint8 real images; required for int8.
     output_name: the signature's output name ('logits' or 'probabilities').
+    activation_percentile: int8: each activation's range is this percentile interval of its
+      calibration values (`int8_ranges`; 100: their min/max); None: the converter's own
+      calibration in one call (also min/max).
 
   Raises:
     ExportError: the converter failed, or the graph needs non-builtin (Flex/custom) ops.
@@ -52,7 +61,13 @@ def convert(fn: Callable, image_size: int, precision: str = 'fp32', batch: int =
   holder, concrete = _concrete_function(fn, image_size, batch, input_type, output_name)
   converter = _tflite_converter(holder, concrete, precision, batch, input_type,
                                 calibration_images)
-  model = _run_converter(converter, precision)
+  if precision == 'int8' and activation_percentile is not None:
+    batches = batched(input_array(calibration_images, input_type), batch)
+    model = _run_converter(converter, precision, functools.partial(
+        int8_ranges.quantize_with_percentile_ranges, batches=batches,
+        percentile=activation_percentile))
+  else:
+    model = _run_converter(converter, precision)
   bad = inventory.non_builtin_ops(model)
   if bad:
     raise ExportError(f'the converted model uses non-builtin ops {bad}; only TFLite builtins '
@@ -114,11 +129,13 @@ def _tflite_converter(holder: Any, concrete: Any, precision: str, batch: int, in
   return converter
 
 
-def _run_converter(converter: Any, precision: str) -> bytes:
-  """`converter.convert()`, its native output silenced and its failures one-line ExportErrors."""
+def _run_converter(converter: Any, precision: str,
+                   run: Callable[[Any], bytes] | None = None) -> bytes:
+  """`converter.convert()` (or `run(converter)`), its native output silenced and its failures
+  one-line ExportErrors."""
   try:
     with native_stderr_silenced():
-      return converter.convert()
+      return run(converter) if run is not None else converter.convert()
   except Exception as e:  # noqa: BLE001 - ConverterError and friends
     text = str(e)
     if 'Flex' in text or 'SELECT_TF_OPS' in text or 'select TF ops' in text.lower():

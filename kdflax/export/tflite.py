@@ -17,8 +17,9 @@ The exported model (every precision):
     input.)
   - builtin TFLite ops only (no Flex / SELECT_TF_OPS, no custom ops): checked, else an error.
   - fp16: float16 weights, float compute. int8: full-integer quantization (per-channel
-    weights, int8 activations) calibrated on the given REAL images; the uint8 input and
-    float32 output are converted at the graph's two ends.
+    weights, int8 activations) calibrated on the given REAL images, each activation's range
+    the 99.99th-percentile interval of its calibration values (`int8_ranges.py`); the
+    uint8 input and float32 output are converted at the graph's two ends.
   - standard TFLite Model Metadata (`model_metadata.py`, written with MediaPipe's writer):
     name / description / version, the input as an RGB image, the output as a classification
     tensor with the labels as a TENSOR_AXIS_LABELS file packed inside the `.tflite`, so
@@ -49,7 +50,13 @@ import numpy as np
 
 from kdflax import atomic
 from kdflax.export import flatbuffer_edits, inventory, lowering
-from kdflax.export.converter import PRECISIONS, ExportError, convert, first_line
+from kdflax.export.converter import (
+    DEFAULT_ACTIVATION_PERCENTILE,
+    PRECISIONS,
+    ExportError,
+    convert,
+    first_line,
+)
 from kdflax.export.interpreter import (
   INPUT_NAME,
   METADATA_NAME,
@@ -85,6 +92,7 @@ class _FileSpec:
   batch: int
   input_type: str   # 'uint8' or 'float32'
   output: str       # 'probabilities' or 'logits'
+  activation_percentile: float | None = DEFAULT_ACTIVATION_PERCENTILE   # int8 ranges
 
 
 def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: int,
@@ -95,7 +103,9 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
                   allow_mismatch: bool = False, model_name: str = '',
                   on_mismatch: Callable[[ParityResult], None] | None = None,
                   output: str = 'probabilities', version: str = '',
-                  description: str = '') -> ExportResult:
+                  description: str = '',
+                  activation_percentile: float | None = DEFAULT_ACTIVATION_PERCENTILE
+                  ) -> ExportResult:
   """Converts `module` to a `.tflite` at `out_path`, checks it against JAX, writes it atomically.
 
   Args:
@@ -118,6 +128,9 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
       JAX and the file on this output.
     version, description: the standard metadata's model version and description (defaults:
       the precision and the model name, and a generated sentence).
+    activation_percentile: int8 only: each activation tensor's range is this percentile
+      interval of its calibration values (default 99.99; 100: min/max; None: the
+      converter's own min/max calibration), see `kdflax.export.int8_ranges`.
 
   Raises:
     ExportError: conversion failed, a non-builtin or int8-incapable op, the interpreter
@@ -133,7 +146,7 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
                                  jnp.uint8 if input_type == 'uint8' else jnp.float32)
   num_classes = _checked_num_classes(fn, example, precision, labels, calibration_images)
   parity_images = _checked_parity_images(parity_images, calibration_images, image_size)
-  spec = _FileSpec(image_size, precision, batch, input_type, output)
+  spec = _FileSpec(image_size, precision, batch, input_type, output, activation_percentile)
   model = _converted(module, variables, fn, spec, calibration_images)
   model = _with_metadata(model, spec, num_classes, labels, model_name, version, description)
   parity = _write_checked(model, out_path, fn, spec, parity_images, allow_mismatch,
@@ -206,7 +219,8 @@ def _converted(module: nn.Module, variables: Mapping[str, Any], fn: Callable,
       if float_softmax else fn
   export_fn = lowering.for_precision(converted_fn, spec.precision)
   model = convert(export_fn, spec.image_size, spec.precision, spec.batch, spec.input_type,
-                  calibration_images, output_name=spec.output)
+                  calibration_images, output_name=spec.output,
+                  activation_percentile=spec.activation_percentile)
   if float_softmax:
     model = flatbuffer_edits.append_softmax(model)
   if spec.input_type == 'uint8':
