@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from kdflax.data.photos import to_model_labels
-from kdflax.export.converter import PRECISIONS
+from kdflax.export.converter import DEFAULT_ACTIVATION_PERCENTILE, PRECISIONS
 from kdflax.export.model_metadata import OUTPUTS
 from kdflax.export.serving import INPUT_TYPES
 
@@ -71,6 +71,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
   p.add_argument('--output', choices=OUTPUTS, default='probabilities',
                  help='what the file outputs: class probabilities (softmax in the graph, '
                       'default) or logits')
+  p.add_argument('--activation_percentile', type=float, default=DEFAULT_ACTIVATION_PERCENTILE,
+                 help='int8: each activation range is this percentile interval of its '
+                      'calibration values (100: min/max)')
   p.add_argument('--allow-mismatch', '--allow_mismatch', dest='allow_mismatch',
                  action='store_true', help='write the file even if the parity check fails')
   p.add_argument('--no-report', '--no_report', dest='report', action='store_false',
@@ -215,7 +218,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
                calibration=calib, eval_images=eval_images, eval_labels=eval_labels,
                labels=labels, model_name=name, weights=source, eval_source=eval_source,
                batch=args.batch, input_type=args.input_type, output=args.output,
-               allow_mismatch=args.allow_mismatch, report=args.report, runs=args.runs)
+               allow_mismatch=args.allow_mismatch,
+               activation_percentile=args.activation_percentile, report=args.report,
+               runs=args.runs)
   return 0
 
 

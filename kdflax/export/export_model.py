@@ -20,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from kdflax.export.converter import DEFAULT_ACTIVATION_PERCENTILE
+
 
 def output_paths(out: str, precisions: Sequence[str]) -> dict[str, str]:
   """`{precision: path}`: `out` itself for one precision, `STEM_PRECISION.tflite` for several."""
@@ -36,6 +38,7 @@ def export_model(module: nn.Module, variables: Mapping[str, Any], image_size: in
                  labels: Sequence[str] = (), model_name: str = '', weights: str = '',
                  eval_source: str | None = None, batch: int = 1, input_type: str = 'uint8',
                  output: str = 'probabilities', allow_mismatch: bool = False,
+                 activation_percentile: float | None = DEFAULT_ACTIVATION_PERCENTILE,
                  report: bool = True, runs: int = 30, log=print) -> dict[str, Any]:
   """Exports at each precision; with `report`, measures and writes `STEM.report.{json,md}`.
 
@@ -49,7 +52,8 @@ def export_model(module: nn.Module, variables: Mapping[str, Any], image_size: in
       order: the parity set (else `calibration`) and the report's accuracy.
     labels: class names, packed into the metadata.
     model_name, weights, eval_source: descriptions for the metadata and the report.
-    batch, input_type, output, allow_mismatch: see `kdflax.export.tflite.export_tflite`.
+    batch, input_type, output, allow_mismatch, activation_percentile: see
+      `kdflax.export.tflite.export_tflite`.
     report: measure latency / memory / accuracy and write the report files.
     runs: timed invocations per latency figure.
     log: progress lines.
@@ -76,7 +80,7 @@ def export_model(module: nn.Module, variables: Mapping[str, Any], image_size: in
         module, variables, image_size, path, precision=precision,
         calibration_images=calibration, parity_images=parity_images, batch=batch,
         labels=tuple(labels), input_type=input_type, allow_mismatch=allow_mismatch,
-        model_name=model_name, output=output)
+        model_name=model_name, output=output, activation_percentile=activation_percentile)
     log(f'{result.path}: {result.size_mb:.2f} MB; {result.parity.summary()}')
     results.append(result)
   summary: dict[str, Any] = {
