@@ -10,21 +10,22 @@ import textwrap
 
 import pytest
 
-from kdflax.train.config import ConfigError, base_config, load_config
-from kdflax.train.config_check import check_config
+from kdflax.config import ConfigError, base_config, load_config
+from kdflax.config.check import check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')
 ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_PLATFORMS': 'cpu'}
-SHIPPED = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                 + glob.glob(os.path.join(ROOT, 'tests', 'configs', '*.py')))
+SHIPPED = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 + glob.glob(os.path.join(ROOT, 'tests', 'configs', '*.py'))
+                 if not p.endswith('__init__.py'))
 
 
 def write_config(tmp_path, *lines, name='bad.py'):
   """A config file that starts from base_config() and runs `lines` on `config`."""
   body = textwrap.indent('\n'.join(lines), '  ')
   path = tmp_path / name
-  path.write_text('from kdflax.train.config import base_config\n\n\ndef get_config():\n'
+  path.write_text('from kdflax.config import base_config\n\n\ndef get_config():\n'
                   f'  config = base_config()\n{body}\n  return config\n')
   return str(path)
 
@@ -73,6 +74,22 @@ def test_unknown_key_in_file_names_it_with_a_hint(tmp_path, line, key, hint):
   message = load_error(path)
   assert message.startswith(f'{path}: unknown config key {key}'), message
   assert hint in message, message
+
+
+@pytest.mark.parametrize('key, home', [
+    ('train.batch_size', 'data.batch_size'),
+    ('train.eval_batch_size', 'data.eval_batch_size'),
+    ('teacher.train.batch_size', 'data.batch_size'),
+    ('teacher.train.eval_batch_size', 'data.eval_batch_size'),
+])
+def test_removed_keys_are_unknown_and_point_to_the_key_that_is_read(tmp_path, key, home):
+  # The batch sizes are the data section's.
+  path = write_config(tmp_path, f'config.{key} = 32')
+  assert load_error(path) == (f"{path}: unknown config key '{key}' "
+                              f"(did you mean '{home}'?)")
+  message = load_error(TINY, [f'--config.{key}=32'])
+  assert f"unknown config key '{key}' in '--config.{key}=32'" in message, message
+  assert f"(did you mean '{home}'?)" in message, message
 
 
 @pytest.mark.parametrize('line, key, found, expected', [

@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
+from kdflax.config import base_config, load_config
 from kdflax.pipeline import matrix
-from kdflax.train.config import base_config, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,8 +25,8 @@ def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
   full: `PATH: cause`); 3: training stopped on a non-finite loss (the last good checkpoint is
   kept).
   """
+  from kdflax.config import ConfigError
   from kdflax.data.errors import CorruptImageError  # no TensorFlow import on this path
-  from kdflax.train.config import ConfigError
   from kdflax.train.loop import NonFiniteLossError
   from kdflax.train.stages import StageError
   try:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.config import load_config, save_config
 from kdflax.pipeline.matrix import METHODS, run_matrix
-from kdflax.train.config import load_config, save_config
 
 
 def _int_list(text: str) -> list[int]:

@@ -35,13 +35,13 @@ import ml_collections
 from flax import traverse_util
 
 from kdflax import atomic
+from kdflax.config import save_config
 from kdflax.distill.objective import Objective
 from kdflax.models import complexity, quant, registry
 from kdflax.models.init import init_variables
 from kdflax.models.layout import layout_of
 from kdflax.train import checkpoint as model_io
 from kdflax.train.checkpoint import BEST_MODEL_DIR
-from kdflax.train.config import save_config
 from kdflax.train.loop import RESULTS_FILE, LoopOptions, ModelDescription, fit
 from kdflax.train.optim import make_optimizer
 from kdflax.train.state import create_train_state
