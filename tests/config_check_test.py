@@ -81,9 +81,10 @@ def test_unknown_key_in_file_names_it_with_a_hint(tmp_path, line, key, hint):
     ('train.eval_batch_size', 'data.eval_batch_size'),
     ('teacher.train.batch_size', 'data.batch_size'),
     ('teacher.train.eval_batch_size', 'data.eval_batch_size'),
+    ('data.seed', 'seed'),
 ])
 def test_removed_keys_are_unknown_and_point_to_the_key_that_is_read(tmp_path, key, home):
-  # The batch sizes are the data section's.
+  # The batch sizes are the data section's; the run has one seed (config.seed).
   path = write_config(tmp_path, f'config.{key} = 32')
   assert load_error(path) == (f"{path}: unknown config key '{key}' "
                               f"(did you mean '{home}'?)")

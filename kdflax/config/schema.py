@@ -3,7 +3,8 @@
 Config files in `configs/` define `get_config()` that starts from `base_config()` and sets
 what differs. Sections:
 
-    seed          one integer for init, data order, augmentation, dropout and sampling
+    seed          the run's one seed: parameter init, dropout, data order, augmentation and
+                  sampling (the data pipeline is given it: `make_datasets(..., seed=)`)
     data          input pipeline, declared by the data package
                   (`kdflax.data.config.default_data_config()`)
     model         the student: name, overrides (create_model fields), image_size (0: default),

@@ -267,7 +267,7 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
   data = make_datasets(config.data, image_size=trained.image_size,
                        teacher_image_size=None if cache else teacher_size,
                        process_index=jax.process_index(), process_count=jax.process_count(),
-                       cache_views=cache.num_views if cache else 0)
+                       cache_views=cache.num_views if cache else 0, seed=config.seed)
   labels = tuple(data.labels)
   num_classes = len(labels)
   check_teacher_labels(info, source, labels, config)

@@ -163,7 +163,7 @@ def expected_fingerprint(config: ml_collections.ConfigDict, teacher: Mapping[str
       'compute_dtype': str(config.train.compute_dtype),
       'targets': target_specs(objective),
       'data': data_fields,
-      'seed': int(data.seed),
+      'seed': int(config.seed),
       'views': int(views),
       'augmentation': {k: _plain(data[k]) for k in AUGMENTATION_KEYS},
   }
@@ -388,7 +388,7 @@ def build_cache(config: ml_collections.ConfigDict, out: str, teacher_dir: str | 
                                                                        False, dtype)
   trained = stages.trained_model(config, 'distill')
   data = make_datasets(config.data, image_size=trained.image_size,
-                       teacher_image_size=teacher_size, cache_views=views)
+                       teacher_image_size=teacher_size, cache_views=views, seed=config.seed)
   teacher_size = int(config.data.teacher_image_size or teacher_size)
   student_size = data.sizes['image']
   labels = tuple(data.labels)
