@@ -50,6 +50,17 @@ def test_colab_config_with_its_argument_loads():
   assert load_config(f'{path}:beans_hybrid').loss.attention.weight == 1.0
 
 
+def test_a_config_in_a_package_imports_its_base_and_leaves_sys_path_as_it_was():
+  def configs_modules():
+    return {m for m in sys.modules if m.split('.')[0] == 'configs'}
+  path, modules = list(sys.path), configs_modules()
+  # configs/beans_manifold.py: `from configs import beans_common, beans_hybrid`.
+  assert load_config(os.path.join(ROOT, 'configs', 'beans_manifold.py')).loss.manifold.weight == 1
+  # tests/configs/ is another package named `configs` (`from configs import tiny`).
+  assert load_config(os.path.join(ROOT, 'tests', 'configs', 'tiny_cache.py')).train.num_steps == 3
+  assert sys.path == path and configs_modules() == modules
+
+
 def test_free_form_sections_take_any_key(tmp_path):
   path = write_config(
       tmp_path, "config.model.overrides = {'drop_rate': 0.1, 'anything_else': (1, 2)}",
