@@ -1,7 +1,7 @@
 """Baseline MobileNetV3-Large on beans, cross-entropy only (kdflax student)."""
 
-from kdflax.train.config import load_sibling
+from configs import beans_common
 
 
 def get_config():
-  return load_sibling(__file__, 'beans_common').get_config()
+  return beans_common.get_config()

@@ -10,7 +10,7 @@ a teacher epoch to minutes on a laptop CPU; on a GPU/TPU use 224 (`--config.mode
 you have them: `--config.teacher.init_checkpoint=DIR` (see `kdflax convert`).
 """
 
-from kdflax.train.config import base_config
+from kdflax.config import base_config
 
 STUDENT_STAGES = ('stage0', 'stage1', 'stage2', 'stage3')
 

@@ -1,10 +1,10 @@
 """Decoupled KD (Zhao et al. 2022): CE + warm-up * (alpha TCKD + beta NCKD) at T = 4."""
 
-from kdflax.train.config import load_sibling
+from configs import beans_common
 
 
 def get_config():
-  config = load_sibling(__file__, 'beans_common').get_config()
+  config = beans_common.get_config()
   config.loss.dkd.weight = 1.0
   config.loss.dkd.alpha = 1.0
   config.loss.dkd.beta = 8.0

@@ -5,17 +5,16 @@ paired MobileNetV3 stage (56/28/14/7 grid at 224) and compared with the student'
 map after spatial-softmax normalisation.
 """
 
-from kdflax.train.config import load_sibling
+from configs import beans_common
 
 
 def get_config():
-  common = load_sibling(__file__, 'beans_common')
-  config = common.get_config()
+  config = beans_common.get_config()
   config.loss.ce.weight = 0.5
   config.loss.kd.weight = 0.5
   config.loss.kd.temperature = 4.0
   config.loss.attention.weight = 1.0
   config.loss.attention.normalize = 'softmax'
   config.loss.attention.temperature = 1.0
-  config.loss.attention.pairs = common.attention_pairs()
+  config.loss.attention.pairs = beans_common.attention_pairs()
   return config

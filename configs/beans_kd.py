@@ -1,10 +1,10 @@
 """Vanilla KD (Hinton): CE + KL at T = 4 (kdflax distill --teacher_workdir ...)."""
 
-from kdflax.train.config import load_sibling
+from configs import beans_common
 
 
 def get_config():
-  config = load_sibling(__file__, 'beans_common').get_config()
+  config = beans_common.get_config()
   config.loss.ce.weight = 0.5
   config.loss.kd.weight = 0.5
   config.loss.kd.temperature = 4.0

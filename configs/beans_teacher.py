@@ -1,7 +1,7 @@
 """Fine-tune the Swin-T teacher on beans (kdflax teacher --config configs/beans_teacher.py)."""
 
-from kdflax.train.config import load_sibling
+from configs import beans_common
 
 
 def get_config():
-  return load_sibling(__file__, 'beans_common').get_config()
+  return beans_common.get_config()

@@ -2,15 +2,16 @@
 
     kdflax distill --config configs/colab_tpu.py:plantvillage_tomato_swin_l_mnv3 ...
 
-The argument after ':' names a config file in this folder (default: the tomato set-up). On a
-Colab TPU v2-8 the 8 cores form the 'data' mesh axis; batch sizes must divide by 8.
+The argument after ':' names a config file in this folder (default: the tomato set-up),
+imported as `configs.<NAME>`. On a Colab TPU v2-8 the 8 cores form the 'data' mesh axis;
+batch sizes must divide by 8.
 """
 
-from kdflax.train.config import load_sibling
+import importlib
 
 
 def get_config(base: str = 'plantvillage_tomato_swin_l_mnv3'):
-  config = load_sibling(__file__, base).get_config()
+  config = importlib.import_module(f'configs.{base}').get_config()
   config.train.compute_dtype = 'bfloat16'
   config.teacher.train.compute_dtype = 'bfloat16'
   config.data.batch_size = 256

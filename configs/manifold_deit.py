@@ -7,8 +7,8 @@ timm's deit_base_patch16_224 weights and fine-tune it, or point --config.teacher
 at a fine-tuned model directory). Data defaults to the beans folders; change config.data.
 """
 
+from kdflax.config import base_config
 from kdflax.distill.objective import first_last_pairs
-from kdflax.train.config import base_config
 
 
 def get_config():

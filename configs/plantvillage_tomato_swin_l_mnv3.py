@@ -19,7 +19,7 @@ On a TPU or GPU add `configs/colab_tpu.py`'s settings:
 `--config configs/colab_tpu.py:plantvillage_tomato_swin_l_mnv3`.
 """
 
-from kdflax.train.config import base_config
+from kdflax.config import base_config
 
 
 def get_config():

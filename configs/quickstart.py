@@ -20,7 +20,7 @@ need pretraining or far longer schedules (docs/results.md). The Swin -> MobileNe
 `configs/beans_*.py` and `configs/plantvillage_tomato_swin_l_mnv3.py`.
 """
 
-from kdflax.train.config import base_config
+from kdflax.config import base_config
 
 
 def get_config():

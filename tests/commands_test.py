@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 
+from kdflax.config import load_config
 from kdflax.models import create_model
 from kdflax.models.init import init_variables
 from kdflax.train.checkpoint import save_model
-from kdflax.train.config import load_config
 from kdflax.train.loop import evaluate
 from kdflax.train.step import data_mesh, make_eval_step
 

@@ -10,21 +10,22 @@ import textwrap
 
 import pytest
 
-from kdflax.train.config import ConfigError, base_config, load_config
-from kdflax.train.config_check import check_config
+from kdflax.config import ConfigError, base_config, load_config
+from kdflax.config.check import check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')
 ENV = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3', 'JAX_PLATFORMS': 'cpu'}
-SHIPPED = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                 + glob.glob(os.path.join(ROOT, 'tests', 'configs', '*.py')))
+SHIPPED = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 + glob.glob(os.path.join(ROOT, 'tests', 'configs', '*.py'))
+                 if not p.endswith('__init__.py'))
 
 
 def write_config(tmp_path, *lines, name='bad.py'):
   """A config file that starts from base_config() and runs `lines` on `config`."""
   body = textwrap.indent('\n'.join(lines), '  ')
   path = tmp_path / name
-  path.write_text('from kdflax.train.config import base_config\n\n\ndef get_config():\n'
+  path.write_text('from kdflax.config import base_config\n\n\ndef get_config():\n'
                   f'  config = base_config()\n{body}\n  return config\n')
   return str(path)
 
@@ -47,6 +48,17 @@ def test_colab_config_with_its_argument_loads():
   path = os.path.join(ROOT, 'configs', 'colab_tpu.py')
   assert load_config(f'{path}:quickstart').train.compute_dtype == 'bfloat16'
   assert load_config(f'{path}:beans_hybrid').loss.attention.weight == 1.0
+
+
+def test_a_config_in_a_package_imports_its_base_and_leaves_sys_path_as_it_was():
+  def configs_modules():
+    return {m for m in sys.modules if m.split('.')[0] == 'configs'}
+  path, modules = list(sys.path), configs_modules()
+  # configs/beans_manifold.py: `from configs import beans_common, beans_hybrid`.
+  assert load_config(os.path.join(ROOT, 'configs', 'beans_manifold.py')).loss.manifold.weight == 1
+  # tests/configs/ is another package named `configs` (`from configs import tiny`).
+  assert load_config(os.path.join(ROOT, 'tests', 'configs', 'tiny_cache.py')).train.num_steps == 3
+  assert sys.path == path and configs_modules() == modules
 
 
 def test_free_form_sections_take_any_key(tmp_path):
@@ -73,6 +85,23 @@ def test_unknown_key_in_file_names_it_with_a_hint(tmp_path, line, key, hint):
   message = load_error(path)
   assert message.startswith(f'{path}: unknown config key {key}'), message
   assert hint in message, message
+
+
+@pytest.mark.parametrize('key, home', [
+    ('train.batch_size', 'data.batch_size'),
+    ('train.eval_batch_size', 'data.eval_batch_size'),
+    ('teacher.train.batch_size', 'data.batch_size'),
+    ('teacher.train.eval_batch_size', 'data.eval_batch_size'),
+    ('data.seed', 'seed'),
+])
+def test_removed_keys_are_unknown_and_point_to_the_key_that_is_read(tmp_path, key, home):
+  # The batch sizes are the data section's; the run has one seed (config.seed).
+  path = write_config(tmp_path, f'config.{key} = 32')
+  assert load_error(path) == (f"{path}: unknown config key '{key}' "
+                              f"(did you mean '{home}'?)")
+  message = load_error(TINY, [f'--config.{key}=32'])
+  assert f"unknown config key '{key}' in '--config.{key}=32'" in message, message
+  assert f"(did you mean '{home}'?)" in message, message
 
 
 @pytest.mark.parametrize('line, key, found, expected', [

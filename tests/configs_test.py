@@ -5,15 +5,15 @@ import os
 
 import pytest
 
+from kdflax.config import ConfigError, load_config, save_config
 from kdflax.distill.objective import Objective
 from kdflax.models import complexity, create_model
 from kdflax.models.layout import layout_of
-from kdflax.train.config import ConfigError, load_config, save_config
 from kdflax.train.stages import intermediates_shapes, stage_loss_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                 if not p.endswith('_common.py'))
+                 if not p.endswith(('_common.py', '__init__.py')))
 
 
 def _model(section):

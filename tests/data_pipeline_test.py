@@ -81,7 +81,7 @@ def test_same_seed_same_stream_other_seed_other_stream(beans):
   a = take(make_datasets(config(beans), **SIZES).train(), 4)  # crosses an epoch boundary
   b = take(make_datasets(config(beans), **SIZES).train(), 4)
   assert_same(a, b)
-  c = take(make_datasets(config(beans, seed=1), **SIZES).train(), 1)
+  c = take(make_datasets(config(beans), **SIZES, seed=1).train(), 1)
   assert not np.array_equal(a[0]['image'], c[0]['image'])
   assert not np.array_equal(a[0]['image'], a[3]['image'])  # epoch 1 is reshuffled
 
@@ -163,10 +163,10 @@ def test_teacher_and_student_images_show_the_same_crop(beans):
 
 
 def test_mixup_and_cutmix_mix_the_unmixed_batch(beans):
-  opts = dict(mixup_alpha=0.5, cutmix_alpha=1.0, mix_prob=0.5, seed=3)
-  mixed_data = make_datasets(config(beans, **opts), **SIZES)
+  opts = dict(mixup_alpha=0.5, cutmix_alpha=1.0, mix_prob=0.5)
+  mixed_data = make_datasets(config(beans, **opts), **SIZES, seed=3)
   mixed = take(mixed_data.train(), 2)
-  plain = take(make_datasets(config(beans, seed=3), **SIZES).train(), 2)
+  plain = take(make_datasets(config(beans), **SIZES, seed=3).train(), 2)
   options = mixed_data.plan.mix
   modes = set()
   for step, (m, p) in enumerate(zip(mixed, plain, strict=True)):

@@ -11,12 +11,13 @@ LAYERS = {
     'data': 1,
     'models': 2,
     'convert': 3, 'distill': 3,
-    'train': 4,
-    'export': 5,
-    'plots': 6,
-    'pipeline': 7,
-    'commands': 8,
-    'cli': 9,
+    'config': 4,
+    'train': 5,
+    'export': 6,
+    'plots': 7,
+    'pipeline': 8,
+    'commands': 9,
+    'cli': 10,
 }
 
 

@@ -11,11 +11,11 @@ from helpers import paper_smoke
 from PIL import Image
 
 from kdflax import cli
+from kdflax.config import load_config
 from kdflax.data.photos import split_photos
 from kdflax.data.pipeline import source_from_config
 from kdflax.export.model_metadata import read_standard_metadata
 from kdflax.train.checkpoint import read_model_info
-from kdflax.train.config import load_config
 
 pytestmark = pytest.mark.slow
 

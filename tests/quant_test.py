@@ -104,7 +104,7 @@ def test_quantized_model_has_the_float_parameters_plus_ranges_and_exports_as_flo
 
 def test_qat_config_refuses_a_student_without_simulated_int8():
   from kdflax.pipeline.qat import qat_config
-  from kdflax.train.config import load_config
+  from kdflax.config import load_config
   config = load_config('tests/configs/tiny.py', ['--config.export.qat.epochs=1'])
   with pytest.raises(ValueError, match='vit_test_patch8_32 has no simulated int8'):
     qat_config(config, 'somewhere')
@@ -113,7 +113,7 @@ def test_qat_config_refuses_a_student_without_simulated_int8():
 def test_qat_stage_fine_tunes_a_student_dir_and_its_int8_export_runs(tmp_path):
   from kdflax.pipeline.qat import qat_stage
   from kdflax.pipeline.run import export_stage
-  from kdflax.train.config import load_config
+  from kdflax.config import load_config
   from kdflax.train.stages import run_stage
 
   config = load_config('tests/configs/tiny.py', [

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from kdflax.config import load_config
 from kdflax.train import stages
-from kdflax.train.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')

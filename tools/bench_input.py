@@ -34,8 +34,8 @@ def main(argv: list[str]) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   import jax
 
+  from kdflax.config import load_config
   from kdflax.data.bench import measure_throughput
-  from kdflax.train.config import load_config
   from kdflax.train.loop import to_global
   from kdflax.train.stages import prepare_stage
 

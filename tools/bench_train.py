@@ -145,7 +145,7 @@ def write_class_folder(root: str, images_per_class: int) -> None:
 
 def make_config(args: argparse.Namespace, cell: Cell, data_root: str):
   """`base_config()` with the benchmark's models, sizes and loss."""
-  from kdflax.train.config import base_config
+  from kdflax.config import base_config
   config = base_config()
   config.data.root = data_root
   config.data.eval_split = ''
@@ -266,7 +266,7 @@ def measure_kdflax(args: argparse.Namespace, cell: Cell) -> dict[str, Any]:
 
 
 def torch_child_args(args: argparse.Namespace, cell: Cell, compile_: bool) -> list[str]:
-  from kdflax.train.optim import default_optim_config
+  from kdflax.config.schema import default_optim_config
   optim = default_optim_config()
   out = ['--step', cell.step, '--size', str(cell.size), '--batch', str(cell.batch),
          '--steps', str(args.steps), '--warmup', str(args.warmup),

@@ -34,7 +34,7 @@ def run_with_config(argv: list[str],
   args, overrides = parse_args(argv)
 
   def run() -> int:
-    from kdflax.train.config import load_config
+    from kdflax.config import load_config
     return body(command, args, load_config(args.config, overrides))
 
   return run_reporting_errors(command, run)
@@ -48,8 +48,8 @@ def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
   full: `PATH: cause`); 3: training stopped on a non-finite loss (the last good checkpoint is
   kept).
   """
+  from kdflax.config import ConfigError
   from kdflax.data.errors import CorruptImageError  # no TensorFlow import on this path
-  from kdflax.train.config import ConfigError
   from kdflax.train.loop import NonFiniteLossError
   from kdflax.train.stages import StageError
   try:

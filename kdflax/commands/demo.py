@@ -22,7 +22,7 @@ from typing import Any
 
 from kdflax.commands import info
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
-from kdflax.train.config import load_config, save_config
+from kdflax.config import load_config, save_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 TIMED = ('mobilenetv3_small_050', 'mobilenetv3_small_100', 'mobilenetv3_large_100')

@@ -13,7 +13,7 @@ import argparse
 import json
 
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
-from kdflax.train.config import load_config
+from kdflax.config import load_config
 
 
 def main(argv: list[str]) -> int:

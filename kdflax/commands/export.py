@@ -179,9 +179,9 @@ def _photos(args: argparse.Namespace, overrides: list[str], size: int,
                                               np.ndarray | None, str | None]:
   """-> (calibration, eval images, eval labels, description of the eval photos)."""
   if args.config:
+    from kdflax.config import load_config
     from kdflax.data.photos import describe_source, split_photos
     from kdflax.data.pipeline import source_from_config
-    from kdflax.train.config import load_config
     data = load_config(args.config, overrides).data
     source = source_from_config(data)  # one source for both splits: TFDS is read once
     calib, _, _ = split_photos(source, data.train_split, size, args.num_calibration)

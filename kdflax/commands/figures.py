@@ -20,7 +20,7 @@ import os
 import sys
 
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
-from kdflax.train.config import load_config
+from kdflax.config import load_config
 
 RUNS = (('teacher', 'teacher'), ('student', 'baseline student'), ('distill', 'distilled student'))
 

@@ -8,7 +8,8 @@
 2. For every method and seed: the same student, data, augmentation, optimizer and schedule,
    with only the loss terms of the method switched on (`METHODS`; each term keeps the weight
    and options the config gives it, a term the config leaves at weight 0 gets weight 1.0),
-   `config.seed` and `config.data.seed` set to the seed; in `WORKDIR/<method>_s<seed>`.
+   `config.seed` (init, dropout, data order, augmentation) set to the seed; in
+   `WORKDIR/<method>_s<seed>`.
    `baseline` is the plain student stage (cross-entropy, no teacher).
 3. Each row's best model is exported to int8 `.tflite` (calibrated on the train split) and
    both the JAX model and the `.tflite` are scored on the eval split.
@@ -24,8 +25,8 @@ from __future__ import annotations
 import argparse
 
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.config import load_config, save_config
 from kdflax.pipeline.matrix import METHODS, run_matrix
-from kdflax.train.config import load_config, save_config
 
 
 def _int_list(text: str) -> list[int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from kdflax.commands.common import parse_with_overrides, run_reporting_errors
-from kdflax.train.config import load_config, save_config
+from kdflax.config import load_config, save_config
 
 
 def main(argv: list[str]) -> int:

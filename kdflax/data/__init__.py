@@ -4,7 +4,8 @@
     from kdflax.data.pipeline import make_datasets
 
     data = make_datasets(config.data, image_size=224, teacher_image_size=384,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         seed=config.seed)        # the run's one seed
     train = data.train(start_step=step)      # process-local batches, resumable bit for bit
     for batch in data.eval(): ...            # every example once, 'mask' 0 on padding
 

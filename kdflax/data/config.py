@@ -26,7 +26,6 @@ Keys (None = "not set"; see `default_data_config` for the defaults):
   batch_size        GLOBAL train batch (over all processes); each process gets
                     batch_size / process_count rows.
   eval_batch_size   GLOBAL eval batch (None: batch_size).
-  seed              non-negative int: the train stream is a pure function of (seed, step).
   augment           False: train batches use the eval transform (still shuffled).
   crop_scale        random-resized-crop area fraction range.
   crop_ratio        random-resized-crop aspect-ratio (w/h) range.
@@ -46,6 +45,10 @@ Keys (None = "not set"; see `default_data_config` for the defaults):
   cache             keep the DECODED images of a split in memory (small datasets: decode once).
   threads           tf.data thread pool size (0: TensorFlow's default, all cores).
   prefetch          batches prepared ahead of the consumer (0: tf.data AUTOTUNE).
+
+The seed of the train stream (order, augmentation, mixing, substitutes) is not a key here: it
+is the run's `config.seed`, given to `make_datasets(..., seed=)`; the stream is a pure
+function of (seed, step).
 """
 
 from __future__ import annotations
@@ -73,7 +76,6 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.teacher_image_size = config_dict.placeholder(int)
   c.batch_size = 64
   c.eval_batch_size = config_dict.placeholder(int)
-  c.seed = 0
   c.augment = True
   c.crop_scale = (0.08, 1.0)
   c.crop_ratio = (3 / 4, 4 / 3)
@@ -121,7 +123,7 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
     value = config[key]
     if value is not None and (not isinstance(value, int) or value < 1):
       raise ValueError(f'config.data.{key} must be a positive int, got {value!r}')
-  for key in ('seed', 'corrupt_retries', 'randaugment_ops', 'threads', 'prefetch'):
+  for key in ('corrupt_retries', 'randaugment_ops', 'threads', 'prefetch'):
     if not isinstance(config[key], int) or config[key] < 0:
       raise ValueError(f'config.data.{key} must be a non-negative int, got {config[key]!r}')
   _range(config.crop_scale, 'crop_scale')

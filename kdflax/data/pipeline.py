@@ -1,7 +1,8 @@
 """The tf.data input pipeline: train and eval iterators of NumPy batches for a JAX trainer.
 
     data = make_datasets(config.data, image_size=224, teacher_image_size=384,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         seed=config.seed)
     data.labels, data.num_train, data.steps_per_epoch          # metadata
     train = data.train(start_step=step)                        # resume exactly at `step`
     batch = next(train)          # {'image': (b, 224, 224, 3), 'teacher_image': (b, 384, ...),
@@ -16,7 +17,8 @@ teacher's size T differs from S (the same crop as `image`); train batches with m
 also carry `soft_label` `(b, K)` float32 (rows sum to 1; `label` stays the row's own class);
 eval batches carry `mask` `(b,)` float32, 0 for rows that are padding (or corrupt images).
 
-Determinism: the train stream is a pure function of (seed, step) (`kdflax.data.plan`): an
+Determinism: the train stream is a pure function of (seed, step) (`kdflax.data.plan`; the
+seed is the run's `config.seed`, passed to `make_datasets`): an
 iterator started at `start_step=s` yields bit for bit what an uninterrupted one yields from s
 on, and reads only the images of the batches it yields. Process i of P gets rows
 `[i*b, (i+1)*b)` of each global batch, so P processes together see exactly the global batches
@@ -244,11 +246,13 @@ class Datasets:
     soft_labels: whether train batches carry `soft_label` (mixup / CutMix on).
     cache_views: K > 0: train batches show one of K fixed views per image and carry `index`
       and `view` (training from a teacher cache, `kdflax.train.teacher_cache`).
+    seed: the seed of the train stream and of the fixed views (the run's `config.seed`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, source, sizes: Mapping[str, int],
-               process_index: int, process_count: int, cache_views: int = 0):
+               process_index: int, process_count: int, cache_views: int = 0, seed: int = 0):
     self.config = config
+    self.seed = int(seed)
     self.source = source
     self.sizes = dict(sizes)
     self.process_index, self.process_count = process_index, process_count
@@ -268,7 +272,7 @@ class Datasets:
                      config.mix_switch_prob)
     retries = config.corrupt_retries if config.on_corrupt == 'skip' else 0
     self.cache_views = int(cache_views)
-    self.plan = TrainPlan(self.num_train, self.batch_size, config.seed, process_index,
+    self.plan = TrainPlan(self.num_train, self.batch_size, self.seed, process_index,
                           process_count, retries=retries, mix=mix, views=self.cache_views)
     self.local_batch_size = self.plan.local_batch
     self.steps_per_epoch = self.plan.steps_per_epoch
@@ -331,7 +335,7 @@ class Datasets:
     flat = np.arange(steps * batch_size, dtype=np.int64)
     index = np.where(flat < total, flat // num_views, -1)
     view = (flat % num_views).astype(np.int32)
-    seeds = view_seeds(self.config.seed, np.maximum(index, 0), view)
+    seeds = view_seeds(self.seed, np.maximum(index, 0), view)
     shape = (steps, batch_size)
     ds = fixed_views_dataset(self._table('train'), index.reshape(shape), view.reshape(shape),
                              seeds.reshape(*shape, 2), self._train_views(sizes), sizes,
@@ -353,7 +357,7 @@ class Datasets:
 
 def make_datasets(config: ml_collections.ConfigDict, image_size: int | None = None,
                   teacher_image_size: int | None = None, process_index: int = 0,
-                  process_count: int = 1, cache_views: int = 0) -> Datasets:
+                  process_count: int = 1, cache_views: int = 0, seed: int = 0) -> Datasets:
   """Builds this process's train / eval iterables from a `config.data` section.
 
   Args:
@@ -365,6 +369,8 @@ def make_datasets(config: ml_collections.ConfigDict, image_size: int | None = No
       (`jax.process_index()`, `jax.process_count()`); batch sizes are global.
     cache_views: K > 0: the train stream shows one of K fixed views per image and yields
       `index` and `view` (training from a teacher cache); excludes mixup/CutMix.
+    seed: non-negative int, the run's `config.seed`: the train stream (order, crops, flips,
+      RandAugment, mixing, substitutes for corrupt images) is a pure function of (seed, step).
 
   Returns:
     `Datasets`: `.train(start_step)`, `.eval()`, `.labels`, `.num_train`, `.steps_per_epoch`...
@@ -379,4 +385,4 @@ def make_datasets(config: ml_collections.ConfigDict, image_size: int | None = No
     sizes['teacher_image'] = int(teacher)
   hide_gpus_from_tensorflow()
   return Datasets(config, source_from_config(config), sizes, process_index, process_count,
-                  cache_views=cache_views)
+                  cache_views=cache_views, seed=seed)

@@ -33,7 +33,7 @@ NEEDS_PAIRS = ('attention', 'manifold')
 
 
 def method_config(config, method: str, seed: int):
-  """A copy of `config` for one row: the method's terms on, the others off, the seed set."""
+  """A copy of `config` for one row: the method's terms on, the others off, `seed` set."""
   if method not in METHODS:
     raise ValueError(f'unknown method {method!r}; known: {", ".join(METHODS)}')
   row = config.copy_and_resolve_references()
@@ -47,7 +47,6 @@ def method_config(config, method: str, seed: int):
     else:
       section.weight = 0.0
   row.seed = int(seed)
-  row.data.seed = int(seed)
   row.export.precisions = ('int8',)
   return row
 

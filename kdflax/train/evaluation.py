@@ -24,7 +24,7 @@ def evaluate_model_dir(model_dir: str, config: ml_collections.ConfigDict,
     config.data.eval_split = split
   if not config.data.eval_split:
     raise ValueError('config.data.eval_split is empty: name a split with --split')
-  data = make_datasets(config.data, image_size=info.image_size)
+  data = make_datasets(config.data, image_size=info.image_size, seed=config.seed)
   if len(data.labels) != info.num_classes:
     raise ValueError(f'{model_dir} has {info.num_classes} classes but the data has '
                      f'{len(data.labels)}')

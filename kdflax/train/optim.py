@@ -2,6 +2,8 @@
 
     tx = make_optimizer(config.optim, total_steps)
 
+The keys of `config.optim` and their defaults: `kdflax.config.schema.default_optim_config`.
+
 The learning rate is exposed through `optax.inject_hyperparams`, so the train step can log it.
 """
 
@@ -9,26 +11,6 @@ from __future__ import annotations
 
 import ml_collections
 import optax
-
-
-def default_optim_config() -> ml_collections.ConfigDict:
-  """Keys of `config.optim`.
-
-  name: 'adamw' | 'sgd' | 'lamb'.
-  learning_rate: peak learning rate (after warm-up).
-  warmup_steps: linear warm-up from 0; `warmup_fraction` is used when this is 0.
-  warmup_fraction: warm-up as a fraction of the total steps.
-  schedule: 'cosine' (to `final_lr_fraction * learning_rate`) | 'constant'.
-  final_lr_fraction: where the cosine ends, relative to the peak.
-  weight_decay: decoupled weight decay (adamw, lamb; L2-style for sgd), not applied to
-    biases, norms and 1-D parameters.
-  momentum: sgd momentum; b1/b2: Adam betas.
-  grad_clip_norm: clip the global gradient norm to this (0 disables).
-  """
-  return ml_collections.ConfigDict(dict(
-      name='adamw', learning_rate=1e-3, warmup_steps=0, warmup_fraction=0.05,
-      schedule='cosine', final_lr_fraction=0.0, weight_decay=0.05, momentum=0.9,
-      b1=0.9, b2=0.999, grad_clip_norm=1.0))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

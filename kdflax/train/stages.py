@@ -34,12 +34,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdflax import atomic
+from kdflax.config import save_config
 from kdflax.distill.objective import Objective
 from kdflax.models import complexity
 from kdflax.models.init import init_variables
 from kdflax.models.layout import layout_of
 from kdflax.train.checkpoint import BEST_MODEL_DIR, ModelInfo
-from kdflax.train.config import save_config
 from kdflax.train.loop import RESULTS_FILE, LoopOptions, fit
 from kdflax.train.optim import make_optimizer
 from kdflax.train.stage_models import (
@@ -189,7 +189,7 @@ def prepare_stage(config: ml_collections.ConfigDict, stage: str, teacher_dir: st
   data = make_datasets(config.data, image_size=trained.image_size,
                        teacher_image_size=None if cache else teacher_size,
                        process_index=jax.process_index(), process_count=jax.process_count(),
-                       cache_views=cache.num_views if cache else 0)
+                       cache_views=cache.num_views if cache else 0, seed=config.seed)
   labels = tuple(data.labels)
   num_classes = len(labels)
   check_teacher_labels(info, source, labels, config)
@@ -237,7 +237,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   """Runs one stage to completion (resuming from `workdir` if it holds a checkpoint).
 
   Args:
-    config: a full run config (`kdflax.train.config.base_config()` layout).
+    config: a full run config (`kdflax.config.base_config()` layout).
     workdir: this stage's directory (checkpoints, metrics, model_best/, model_final/).
     stage: 'teacher', 'student' or 'distill'.
     teacher_dir: distill only: the teacher's model directory (default

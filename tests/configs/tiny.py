@@ -3,7 +3,7 @@
 The data root and everything else are overridden by the tests with --config.key=value.
 """
 
-from kdflax.train.config import base_config
+from kdflax.config import base_config
 
 
 def get_config():

@@ -1,11 +1,11 @@
 """tiny.py distilled from a 64 px Swin teacher with KD, attention (window-attention map and
 adapted feature) and manifold pairs: the teacher-cache tests' config."""
 
-from kdflax.train.config import load_sibling
+from configs import tiny
 
 
 def get_config():
-  config = load_sibling(__file__, 'tiny').get_config()
+  config = tiny.get_config()
   config.teacher.name = 'swin_test_patch4_window4_64'
   config.teacher.overrides = {}
   config.loss.kd.weight = 1.0

@@ -80,7 +80,7 @@ def _plan(config: ml_collections.ConfigDict, teacher_dir: str | None, views: int
       config, teacher_dir, False, dtype)
   trained = stage_models.trained_model(config, 'distill')
   data = make_datasets(config.data, image_size=trained.image_size,
-                       teacher_image_size=teacher_size, cache_views=views)
+                       teacher_image_size=teacher_size, cache_views=views, seed=config.seed)
   teacher_size = int(config.data.teacher_image_size or teacher_size)
   student_size = data.sizes['image']
   labels = tuple(data.labels)

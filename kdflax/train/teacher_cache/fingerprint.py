@@ -118,7 +118,7 @@ def expected_fingerprint(config: ml_collections.ConfigDict, teacher: Mapping[str
       'compute_dtype': str(config.train.compute_dtype),
       'targets': target_specs(objective),
       'data': data_fields,
-      'seed': int(data.seed),
+      'seed': int(config.seed),
       'views': int(views),
       'augmentation': {k: _plain(data[k]) for k in AUGMENTATION_KEYS},
   }

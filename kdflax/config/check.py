@@ -22,11 +22,7 @@ Values set by a `--config.key=value` override are attributed to it (`origins`).
 
 from __future__ import annotations
 
-import ast
 import difflib
-import os
-import re
-import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,13 +41,14 @@ class ConfigError(ValueError):
   """A config file or override is invalid (the message is one line)."""
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+  """`text` with every run of whitespace (newlines too) as one space."""
   return ' '.join(str(text).split())
 
 
 def _short(value: Any, limit: int = 60) -> str:
-  text = _one_line(repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict)
-                        else value))
+  text = one_line(repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict)
+                       else value))
   return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
@@ -142,6 +139,21 @@ def _hint(dotted: str, siblings: list[str], prefix: str, every_key: list[str]) -
   return f'; keys under {where}: {", ".join(siblings)}'
 
 
+def key_hint(dotted: str, siblings: list[str], reference: ml_collections.ConfigDict) -> str:
+  """The hint after `unknown config key 'dotted'` (an override's unknown key, as a file's).
+
+  Args:
+    dotted: the unknown key, e.g. 'train.batch_size'.
+    siblings: the keys known beside it.
+    reference: `base_config()`, whose keys of the same or a close name are suggested.
+
+  Returns:
+    ` (did you mean 'data.batch_size'?)`, or `; keys under train: ...` without a close key.
+  """
+  prefix = dotted.rpartition('.')[0]
+  return _hint(dotted, siblings, f'{prefix}.' if prefix else '', _all_keys(reference))
+
+
 class _Checker:
   """Walks a config beside its reference; raises ConfigError at the first problem."""
 
@@ -153,7 +165,7 @@ class _Checker:
   def fail(self, key: str, message: str) -> None:
     origin = self.origins.get(key)
     where = f'{self.source} ({origin})' if origin else self.source
-    raise ConfigError(_one_line(f'{where}: {message}'))
+    raise ConfigError(one_line(f'{where}: {message}'))
 
   def unknown(self, dotted: str, siblings: list[str], prefix: str, anywhere: bool = True
               ) -> None:
@@ -250,9 +262,8 @@ def _each_one_of(options: tuple[str, ...]) -> Rule:
 
 
 TRAIN_RULES: dict[str, Rule] = {
-    'batch_size': _at_least(1), 'eval_batch_size': _at_least(0), 'num_epochs': _at_least(0),
-    'num_steps': _at_least(0), 'log_every': _at_least(1), 'eval_every': _at_least(0),
-    'checkpoint_every': _at_least(0), 'keep_checkpoints': _at_least(1),
+    'num_epochs': _at_least(0), 'num_steps': _at_least(0), 'log_every': _at_least(1),
+    'eval_every': _at_least(0), 'checkpoint_every': _at_least(0), 'keep_checkpoints': _at_least(1),
     'compute_dtype': _one_of(COMPUTE_DTYPES), 'ema_decay': _fraction(closed=False),
 }
 OPTIM_RULES: dict[str, Rule] = {
@@ -312,7 +323,7 @@ def check_ranges(config: ml_collections.ConfigDict, source: str,
   if found:
     key, message = found
     origin = (origins or {}).get(key)
-    raise ConfigError(_one_line(f'{source} ({origin}): {message}' if origin
+    raise ConfigError(one_line(f'{source} ({origin}): {message}' if origin
                                 else f'{source}: {message}'))
 
 
@@ -321,71 +332,3 @@ def check_config(config: ml_collections.ConfigDict, reference: ml_collections.Co
   """`check_schema` then `check_ranges`: raises ConfigError (one line) at the first problem."""
   check_schema(config, reference, source, origins)
   check_ranges(config, source, origins)
-
-
-# ------------------------------------------------------------------- get_config() failures
-
-# ml_collections' type-safe assignment, e.g. `config.optim.learning_rate = 'fast'`.
-_CAST_ERROR = re.compile(r"Could not override field '(?P<field>[^']+)' \(reference\)\. "
-                         r"(?P<value>.*) is of original type <class '(?P<found>[\w.]+)'> and "
-                         r"cannot be casted to type <class '(?P<expected>[\w.]+)'>", re.S)
-_ASSIGNMENT = re.compile(r'^\s*config((?:\.\w+)+)\s*=(?!=)')
-
-
-def _class_name(qualified: str, expected: bool = False) -> str:
-  name = qualified.rsplit('.', 1)[-1]
-  if name == 'ConfigDict':
-    return 'a section (a dict of keys)'
-  or_int = ' (or int)' if expected and name == 'float' else ''
-  return f'{"an" if name[0] in "aeiou" else "a"} {name}{or_int}'
-
-
-def _config_frame(error: BaseException, path: str) -> traceback.FrameSummary | None:
-  """The innermost traceback frame in the config file's folder (it or a sibling config)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if os.path.dirname(os.path.abspath(f.filename)) == folder]
-  return frames[-1] if frames else None
-
-
-def _original(error: BaseException) -> BaseException:
-  """The user's exception inside config_flags' re-raise (its message holds a traceback)."""
-  while 'Error whilst parsing config file' in str(error):
-    inner = error.__cause__ or error.__context__
-    if inner is None:
-      break
-    error = inner
-  return error
-
-
-def _message(error: BaseException) -> str:
-  text = str(error)
-  if isinstance(error, (AttributeError, KeyError)) and text[:1] in '\'"' and text[-1:] == text[:1]:
-    try:
-      text = str(ast.literal_eval(text))  # ml_collections: AttributeError(repr(KeyError))
-    except (ValueError, SyntaxError):
-      pass
-  return text
-
-
-def get_config_error(error: BaseException, path: str) -> ConfigError:
-  """One line for an exception from a config file's `get_config()`, naming the file and line.
-
-  A type-safe assignment of the wrong type becomes `FILE:LINE: config.optim.learning_rate is
-  fast (a str); expected a float (or int)`.
-  """
-  error = _original(error)
-  frame = _config_frame(error, path)
-  where = path
-  if frame is not None:
-    same = os.path.abspath(frame.filename) == os.path.abspath(path)
-    where = f'{path}:{frame.lineno}' if same else f'{path} ({frame.filename}:{frame.lineno})'
-  cast = _CAST_ERROR.search(str(error)) if isinstance(error, TypeError) else None
-  if cast:
-    assigned = _ASSIGNMENT.match(frame.line or '') if frame is not None else None
-    key = f'config{assigned.group(1)}' if assigned else repr(cast['field'])
-    return ConfigError(_one_line(f'{where}: {key} is {cast["value"]} '
-                                 f'({_class_name(cast["found"])}); expected '
-                                 f'{_class_name(cast["expected"], expected=True)}'))
-  return ConfigError(_one_line(f'{where}: get_config() failed: {type(error).__name__}: '
-                               f'{_message(error)}'))
