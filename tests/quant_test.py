@@ -103,17 +103,16 @@ def test_quantized_model_has_the_float_parameters_plus_ranges_and_exports_as_flo
 
 
 def test_qat_config_refuses_a_student_without_simulated_int8():
-  from kdflax.pipeline.qat import qat_config
   from kdflax.config import load_config
+  from kdflax.pipeline.qat import qat_config
   config = load_config('tests/configs/tiny.py', ['--config.export.qat.epochs=1'])
   with pytest.raises(ValueError, match='vit_test_patch8_32 has no simulated int8'):
     qat_config(config, 'somewhere')
 
 
-def test_qat_stage_fine_tunes_a_student_dir_and_its_int8_export_runs(tmp_path):
-  from kdflax.pipeline.qat import qat_stage
-  from kdflax.pipeline.run import export_stage
+def test_pipeline_exports_int8_from_a_qat_fine_tune_of_the_student(tmp_path):
   from kdflax.config import load_config
+  from kdflax.pipeline.run import export_student
   from kdflax.train.stages import run_stage
 
   config = load_config('tests/configs/tiny.py', [
@@ -123,11 +122,13 @@ def test_qat_stage_fine_tunes_a_student_dir_and_its_int8_export_runs(tmp_path):
       '--config.export.precisions=("int8",)', '--config.export.calibration_images=16',
       '--config.export.eval_images=12'])
   student = run_stage(config, str(tmp_path / 'student'), 'student', log_fn=lambda _: None)
-  summary = qat_stage(config, student['model_dir'], str(tmp_path / 'qat'), 'student',
-                      log_fn=lambda _: None)
-  info = json.load(open(os.path.join(summary['model_dir'], 'model.json')))
+  rows = export_student(config, student['model_dir'], str(tmp_path), 'student', None,
+                        log=lambda _: None)
+  assert [r['stage'] for r in rows] == [
+      'baseline student, int8-aware fine-tune (1 epoch, simulated int8)',
+      'exported .tflite (int8)']
+  info = json.load(open(tmp_path / 'qat' / 'model_best' / 'model.json'))
   assert info['overrides']['quantize'] is True
-  assert summary['step'] == 15   # one epoch of the 120 bundled train photos at batch 8
-  rows = export_stage(config, summary['model_dir'], str(tmp_path / 'export'), log=print)
-  assert [r['stage'] for r in rows] == ['exported .tflite (int8)']
+  results = json.load(open(tmp_path / 'qat' / 'results.json'))
+  assert results['step'] == 15   # one epoch of the 120 bundled train photos at batch 8
   assert os.path.isfile(tmp_path / 'export' / 'mobilenetv3_small_050_int8.tflite')

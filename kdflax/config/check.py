@@ -252,6 +252,10 @@ def _fraction(closed: bool = True) -> Rule:
   return (lambda v: 0 <= v < 1), 'must be in [0, 1)'
 
 
+def _percentile() -> Rule:
+  return (lambda v: 50 < v <= 100), 'must be in (50, 100]'
+
+
 def _one_of(options: tuple[str, ...]) -> Rule:
   return (lambda v: v in options), f'must be one of {", ".join(map(repr, options))}'
 
@@ -277,7 +281,7 @@ OTHER_RULES: dict[str, Rule] = {
     'seed': _at_least(0), 'model.image_size': _at_least(0), 'teacher.image_size': _at_least(0),
     'export.precisions': _each_one_of(PRECISIONS), 'export.calibration_images': _at_least(1),
     'export.eval_images': _at_least(1), 'export.qat.epochs': _at_least(0),
-    'export.qat.learning_rate': _above(0),
+    'export.qat.learning_rate': _above(0), 'export.activation_percentile': _percentile(),
     'distributed.num_processes': _at_least(1), 'distributed.process_id': _at_least(0),
 }
 

@@ -90,11 +90,14 @@ def default_export_config() -> ml_collections.ConfigDict:
   calibration_images: int8 calibration photos, from the train split.
   eval_images: photos for parity and accuracy, from the eval split.
   enabled: False skips the export stage.
+  activation_percentile: int8 activation ranges are this percentile interval of the
+    calibration activations (100: min/max; `kdflax.export.int8_ranges`).
   qat: epochs > 0: the int8 file comes from the student fine-tuned that many epochs with
-    simulated int8 at `qat.learning_rate`.
+    simulated int8 at `qat.learning_rate` (`kdflax.pipeline.qat`).
   """
   return ml_collections.ConfigDict(dict(
       precisions=('fp32', 'int8'), calibration_images=64, eval_images=500, enabled=True,
+      activation_percentile=99.99,
       qat=ml_collections.ConfigDict(dict(epochs=0, learning_rate=1e-4))))
 
 

@@ -6,7 +6,9 @@ Stages run in `WORKDIR/{teacher,student,distill}` (each resumes from its own che
 stage finished with the same config is not rebuilt). With `config.teacher.checkpoint` the
 teacher stage is skipped and the given teacher is scored. The distilled student's best model
 is exported to `WORKDIR/export/` at each of `config.export.precisions`, calibrated on the
-train split and scored on the eval split of the configured source (image folders or TFDS).
+train split and scored on the eval split of the configured source (image folders or TFDS);
+with `config.export.qat.epochs > 0` its int8 file comes from a quantisation-aware fine-tune
+in `WORKDIR/qat` (`kdflax.pipeline.qat`).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def format_results(rows: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def export_stage(config, model_dir: str, out_dir: str, log=print) -> list[dict[str, Any]]:
-  """Exports `model_dir` at each of `config.export.precisions`.
+def export_stage(config, model_dir: str, out_dir: str, log=print,
+                 precisions: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+  """Exports `model_dir` at each of `precisions` (default `config.export.precisions`).
 
   Calibration photos come from the train split and the parity/accuracy photos from the eval
   split of the configured source (image folders or TFDS). Returns one results row per
@@ -73,7 +76,7 @@ def export_stage(config, model_dir: str, out_dir: str, log=print) -> list[dict[s
     eval_labels = to_model_labels(idx, classes, info.labels, where)
   os.makedirs(out_dir, exist_ok=True)
   log(f'[export] {info.model} -> {out_dir} at {", ".join(config.export.precisions)}')
-  precisions = tuple(config.export.precisions)
+  precisions = tuple(config.export.precisions if precisions is None else precisions)
   # Always MODEL_PRECISION.tflite, also for a single precision.
   stem = info.model if len(precisions) > 1 else f'{info.model}_{precisions[0]}'
   report = export_model(
@@ -82,7 +85,8 @@ def export_stage(config, model_dir: str, out_dir: str, log=print) -> list[dict[s
       eval_images=eval_images, eval_labels=eval_labels, labels=info.labels,
       model_name=info.model, weights=f'model directory {model_dir}', eval_source=where,
       # A parity shortfall is reported in the table instead of failing the whole run.
-      allow_mismatch=True, runs=20, log=log)
+      allow_mismatch=True, activation_percentile=float(config.export.activation_percentile),
+      runs=20, log=log)
   rows = []
   for item in report['exports']:
     latency = item['latency'].get('threads_1', {}).get('median_ms', float('nan'))
@@ -92,6 +96,32 @@ def export_stage(config, model_dir: str, out_dir: str, log=print) -> list[dict[s
                  'detail': f'{item["size_mb"]:.2f} MB, {latency:.2f} ms/image (1 thread); '
                            f'{item["parity_summary"]}'})
   return rows
+
+
+def export_student(config, model_dir: str, workdir: str, stage: str, teacher_dir: str | None,
+                   log=print) -> list[dict[str, Any]]:
+  """Exports the student at `model_dir` to `WORKDIR/export/`; its results rows.
+
+  With `config.export.qat.epochs > 0` the int8 file comes from the student fine-tuned through
+  simulated int8 in `WORKDIR/qat` (`kdflax.pipeline.qat`, same `stage` and teacher), which
+  gets a row of its own; the float precisions come from `model_dir` itself.
+  """
+  from kdflax.pipeline.qat import qat_stage
+
+  out_dir = os.path.join(workdir, 'export')
+  precisions = tuple(config.export.precisions)
+  if not int(config.export.qat.epochs) or 'int8' not in precisions:
+    return export_stage(config, model_dir, out_dir, log)
+  rows = []
+  floats = tuple(p for p in precisions if p != 'int8')
+  if floats:
+    rows += export_stage(config, model_dir, out_dir, log, precisions=floats)
+  summary = qat_stage(config, model_dir, os.path.join(workdir, 'qat'), stage,
+                      teacher_dir=teacher_dir, log_fn=log)
+  epochs = int(config.export.qat.epochs)
+  rows.append(_row(f'{"distilled" if stage == "distill" else "baseline"} student, int8-aware '
+                   f'fine-tune ({epochs} epoch{"s" * (epochs != 1)}, simulated int8)', summary))
+  return rows + export_stage(config, summary['model_dir'], out_dir, log, precisions=('int8',))
 
 
 def given_teacher_row(config, teacher_dir: str) -> dict[str, Any]:
@@ -131,8 +161,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, log=print
                       teacher_dir=teacher_dir, log_fn=log)
   rows.append(_row('distilled student', summary))
   if config.export.enabled and config.export.precisions:
-    rows.extend(export_stage(config, summary['model_dir'], os.path.join(workdir, 'export'),
-                             log))
+    rows.extend(export_student(config, summary['model_dir'], workdir, 'distill', teacher_dir,
+                               log))
   table = format_results(rows)
   minutes = (time.perf_counter() - start) / 60
   atomic.write_text(os.path.join(workdir, 'results.md'),
