@@ -30,6 +30,21 @@ COMMANDS = {
 }
 
 
+def quiet_background_errors() -> None:
+  """Keeps library noise off stderr so a failure reads as the command's one line.
+
+  Orbax's save threads log failures through absl and leave "Event loop is closed" tracebacks
+  in their worker threads, and TensorBoard's writer reports a failed flush at exit: the
+  command's own one-line error already names the path and the cause. `KDFLAX_VERBOSE=1`
+  keeps all of it.
+  """
+  import logging
+  import threading
+  logging.getLogger('absl').setLevel(logging.CRITICAL)
+  threading.excepthook = lambda args: None
+  sys.unraisablehook = lambda unraisable: None
+
+
 def _usage() -> str:
   width = max(map(len, COMMANDS))
   lines = ['usage: kdflax <command> [flags]   (kdflax <command> --help for its flags)', '',
@@ -39,7 +54,13 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Dispatches `argv[0]` to its command module; returns the process exit code."""
+  """Dispatches `argv[0]` to its command module; returns the process exit code.
+
+  Called as the process's entry point (`argv` None: the `kdflax` script, `python -m
+  kdflax.cli`), background-thread noise is kept off stderr (`quiet_background_errors`); called
+  from Python with an `argv` (a notebook cell), the caller's process is left as it is.
+  """
+  own_process = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ('-h', '--help', 'help'):
     print(_usage())
@@ -49,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f'kdflax: unknown command {command!r}\n\n{_usage()}', file=sys.stderr)
     return 2
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  if own_process and os.environ.get('KDFLAX_VERBOSE', '') in ('', '0'):
+    quiet_background_errors()
   module = importlib.import_module(f'kdflax.commands.{COMMANDS[command][0]}')
   return int(module.main([command, *rest]) or 0)
 

@@ -1,9 +1,14 @@
 """Faults a user meets on the command line: each is one line on stderr and an exit code,
 and nothing that existed before is changed."""
 
+import json
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
+import pytest
 from helpers import data_fixtures as fx
 
 from kdflax import cli
@@ -51,3 +56,45 @@ def test_export_out_under_a_file(tmp_path, capsys):
   assert code == 1 and str(blocker) in line, line
   assert blocker.read_text() == 'x'
   assert not [p for p in os.listdir(tmp_path) if p != 'out']  # no temp left behind
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 900 KiB tmpfs: room for one tiny checkpoint (~540 KiB) but not two. Skipped where
+  mounting is not allowed (no root / no CAP_SYS_ADMIN)."""
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=900k', 'tmpfs', str(mount)],
+                        capture_output=True, check=False)
+  if done.returncode:
+    pytest.skip(f'cannot mount a size-limited tmpfs here: {done.stderr.decode().strip()}')
+  try:
+    yield mount
+  finally:
+    subprocess.run(['umount', str(mount)], check=False)
+
+
+def test_disk_full_during_training_stops_with_one_line_and_keeps_the_committed_checkpoint(
+    small_disk, tmp_path):
+  from kdflax.train.loop import committed_steps
+  workdir = small_disk / 'run'
+  done = subprocess.run(
+      [sys.executable, '-m', 'kdflax.cli', 'student', '--config', CONFIG, '--workdir',
+       str(workdir), '--config.train.num_steps=6', '--config.train.checkpoint_every=2',
+       f'--config.data.root={fx.BEANS_SAMPLE}'],
+      capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+  lines = [line for line in done.stderr.splitlines() if line.startswith('kdflax student:')]
+  assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+  assert 'No space left on device' in lines[0], lines[0]
+  assert 'Traceback' not in done.stderr and 'ERROR:absl' not in done.stderr, done.stderr[-3000:]
+  # What results.json names is a committed checkpoint, and a re-run on a disk with room
+  # resumes from it.
+  record = json.loads((workdir / 'results.json').read_text())
+  assert record['step'] in committed_steps(str(workdir)) and record['step'] >= 2
+  moved = tmp_path / 'moved'
+  shutil.copytree(workdir, moved)
+  code = cli.main(['student', '--config', CONFIG, '--workdir', str(moved),
+                   '--config.train.num_steps=6', '--config.train.checkpoint_every=2',
+                   f'--config.data.root={fx.BEANS_SAMPLE}'])
+  assert code == 0
+  assert json.loads((moved / 'results.json').read_text())['step'] == 6

@@ -45,16 +45,17 @@ def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
 
   2: a bad config, data, teacher or path (nothing was trained), a corrupt image with
   `on_corrupt='error'`, or a file-system error (a workdir that is a file, no permission, disk
-  full: `PATH: cause`); 3: training stopped on a non-finite loss (the last good checkpoint is
-  kept).
+  full: `PATH: cause`; in an asynchronous checkpoint save: which step is kept); 3: training
+  stopped on a non-finite loss (the last good checkpoint is kept).
   """
   from kdflax.config import ConfigError
   from kdflax.data.errors import CorruptImageError  # no TensorFlow import on this path
-  from kdflax.train.loop import NonFiniteLossError
+  from kdflax.train.loop import CheckpointSaveError, NonFiniteLossError
   from kdflax.train.stages import StageError
   try:
     return fn()
-  except (ConfigError, StageError, FileNotFoundError, ValueError, CorruptImageError) as e:
+  except (ConfigError, StageError, FileNotFoundError, ValueError, CorruptImageError,
+          CheckpointSaveError) as e:
     print(f'kdflax {command}: {e}', file=sys.stderr)
     return 2
   except OSError as e:

@@ -47,6 +47,27 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """An (asynchronous) checkpoint save failed, e.g. on a full disk; earlier ones are kept."""
+
+
+def committed_steps(workdir: str) -> list[int]:
+  """Steps of the checkpoints under `workdir/checkpoints` whose save completed (Orbax writes
+  `STEP.orbax-checkpoint-tmp` and renames it to `STEP` when the save commits)."""
+  folder = os.path.join(workdir, CHECKPOINT_DIR)
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+def _save_failure(run: _Run, step: int, error: BaseException) -> CheckpointSaveError:
+  done = committed_steps(run.workdir)
+  kept = (f'the last committed checkpoint (step {done[-1]}) is kept' if done else
+          'no checkpoint was committed (a re-run starts from step 0)')
+  cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return CheckpointSaveError(f'saving a checkpoint in {os.path.join(run.workdir, CHECKPOINT_DIR)} '
+                             f'failed: {cause}; stopped at step {step}, {kept}')
+
+
 @dataclasses.dataclass(frozen=True)
 class LoopOptions:
   """How long to train and how often to log, evaluate and checkpoint (all in steps)."""
@@ -218,17 +239,39 @@ def _evaluate_and_keep_best(run: _Run, step: int, state: TrainState, eval_step: 
                   f'(best {best["top1"]:.4f} @ {best["step"]})')
 
 
+def _check_saves(run: _Run, step: int) -> None:
+  """Raises CheckpointSaveError if an asynchronous save failed (checked after every step)."""
+  try:
+    run.manager.check_for_errors()
+  except Exception as e:  # noqa: BLE001 - Orbax re-raises whatever its save thread hit
+    raise _save_failure(run, step, e) from None
+
+
 def _save_checkpoint(run: _Run, step: int, state: TrainState) -> None:
-  """The whole state (asynchronously, Orbax) and, from process 0, the best-so-far record."""
-  run.manager.save(step, args=ocp.args.StandardSave(state))
+  """The whole state (asynchronously, Orbax) and, from process 0, the best-so-far record
+  with the last committed checkpoint's step (the one a re-run resumes from)."""
+  try:
+    run.manager.wait_until_finished()   # the previous save: committed, or its error
+  except Exception as e:  # noqa: BLE001
+    raise _save_failure(run, step, e) from None
   if jax.process_index() == 0:
-    _write_json(run.results_path, {'best': run.best, 'step': step})
+    done = committed_steps(run.workdir)
+    _write_json(run.results_path, {'best': run.best, 'step': done[-1] if done else 0})
+  run.manager.save(step, args=ocp.args.StandardSave(state))
 
 
-def _close_run(run: _Run) -> None:
-  """Waits for pending checkpoint writes, then closes the manager, the bar and the writer."""
-  run.manager.wait_until_finished()
-  run.manager.close()
+def _close_run(run: _Run, failing: bool = False) -> None:
+  """Waits for pending checkpoint writes, then closes the manager, the bar and the writer.
+
+  A failed save raises CheckpointSaveError, unless the run is already `failing` (then the
+  first error is the one reported).
+  """
+  try:
+    run.manager.wait_until_finished()
+    run.manager.close()
+  except Exception as e:  # noqa: BLE001
+    if not failing:
+      raise _save_failure(run, run.end, e) from None
   if run.bar is not None:
     run.bar.close()
   run.writer.flush()
@@ -264,6 +307,8 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_va
 
   Raises:
     NonFiniteLossError: the loss became NaN/Inf (nothing is saved from that point on).
+    CheckpointSaveError: a checkpoint save failed (e.g. disk full); raised at the step after
+      the failure shows, naming the last committed checkpoint.
   """
   run, state = _open_run(state, options, workdir, writer, log)
   step = run.start
@@ -273,6 +318,7 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_va
       batch = next(iterator)
       run.images += len(batch['label']) * jax.process_count()
       state, metrics = train_step(state, teacher_variables, to_global(batch, mesh))
+      _check_saves(run, step)
       run.pending.append(metrics)
       if run.logs_at(step):
         _log_train(run, step)
@@ -282,8 +328,10 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_va
         _save_checkpoint(run, step, state)
       if run.bar is not None:
         run.bar.update(1)
-  finally:
-    _close_run(run)
+  except BaseException:
+    _close_run(run, failing=True)
+    raise
+  _close_run(run)
 
   if step < options.total_steps:  # stopped early on purpose (stop_after)
     return {'step': step, 'best': run.best, 'final': run.last_eval, 'stopped_early': True}
