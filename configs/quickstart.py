@@ -56,4 +56,8 @@ def get_config():
 
   config.export.precisions = ('fp32', 'int8')
   config.export.calibration_images = 256
+  # int8 activation ranges from the 0.01st-99.99th percentiles instead of min/max: on beans
+  # val it takes the demo's int8 file from 97.0% to 100% top-1 agreement with JAX
+  # (docs/export.md; the library default stays the converter's min/max).
+  config.export.activation_percentile = 99.99
   return config

@@ -73,7 +73,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                       'default) or logits')
   p.add_argument('--activation_percentile', type=float, default=DEFAULT_ACTIVATION_PERCENTILE,
                  help='int8: each activation range is this percentile interval of its '
-                      'calibration values (100: min/max)')
+                      'calibration values, e.g. 99.99 (default: the converter\'s min/max)')
   p.add_argument('--allow-mismatch', '--allow_mismatch', dest='allow_mismatch',
                  action='store_true', help='write the file even if the parity check fails')
   p.add_argument('--no-report', '--no_report', dest='report', action='store_false',

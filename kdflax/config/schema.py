@@ -91,13 +91,14 @@ def default_export_config() -> ml_collections.ConfigDict:
   eval_images: photos for parity and accuracy, from the eval split.
   enabled: False skips the export stage.
   activation_percentile: int8 activation ranges are this percentile interval of the
-    calibration activations (100: min/max; `kdflax.export.int8_ranges`).
+    calibration activations (100, the default: their min/max, as the converter does;
+    `kdflax.export.int8_ranges`; the demo uses 99.99).
   qat: epochs > 0: the int8 file comes from the student fine-tuned that many epochs with
     simulated int8 at `qat.learning_rate` (`kdflax.pipeline.qat`).
   """
   return ml_collections.ConfigDict(dict(
       precisions=('fp32', 'int8'), calibration_images=64, eval_images=500, enabled=True,
-      activation_percentile=99.99,
+      activation_percentile=100.0,
       qat=ml_collections.ConfigDict(dict(epochs=0, learning_rate=1e-4))))
 
 

@@ -17,8 +17,8 @@ The exported model (every precision):
     input.)
   - builtin TFLite ops only (no Flex / SELECT_TF_OPS, no custom ops): checked, else an error.
   - fp16: float16 weights, float compute. int8: full-integer quantization (per-channel
-    weights, int8 activations) calibrated on the given REAL images, each activation's range
-    the 99.99th-percentile interval of its calibration values (`int8_ranges.py`); the
+    weights, int8 activations) calibrated on the given REAL images (activation ranges: their
+    min/max, or with `activation_percentile` a percentile interval, `int8_ranges.py`); the
     uint8 input and float32 output are converted at the graph's two ends.
   - standard TFLite Model Metadata (`model_metadata.py`, written with MediaPipe's writer):
     name / description / version, the input as an RGB image, the output as a classification
@@ -129,8 +129,9 @@ def export_tflite(module: nn.Module, variables: Mapping[str, Any], image_size: i
     version, description: the standard metadata's model version and description (defaults:
       the precision and the model name, and a generated sentence).
     activation_percentile: int8 only: each activation tensor's range is this percentile
-      interval of its calibration values (default 99.99; 100: min/max; None: the
-      converter's own min/max calibration), see `kdflax.export.int8_ranges`.
+      interval of its calibration values (e.g. 99.99; 100: their min/max in two passes;
+      None, the default: the converter's own min/max calibration), see
+      `kdflax.export.int8_ranges`.
 
   Raises:
     ExportError: conversion failed, a non-builtin or int8-incapable op, the interpreter

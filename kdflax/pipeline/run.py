@@ -85,8 +85,7 @@ def export_stage(config, model_dir: str, out_dir: str, log=print,
       eval_images=eval_images, eval_labels=eval_labels, labels=info.labels,
       model_name=info.model, weights=f'model directory {model_dir}', eval_source=where,
       # A parity shortfall is reported in the table instead of failing the whole run.
-      allow_mismatch=True, activation_percentile=float(config.export.activation_percentile),
-      runs=20, log=log)
+      allow_mismatch=True, activation_percentile=_percentile(config), runs=20, log=log)
   rows = []
   for item in report['exports']:
     latency = item['latency'].get('threads_1', {}).get('median_ms', float('nan'))
@@ -96,6 +95,12 @@ def export_stage(config, model_dir: str, out_dir: str, log=print,
                  'detail': f'{item["size_mb"]:.2f} MB, {latency:.2f} ms/image (1 thread); '
                            f'{item["parity_summary"]}'})
   return rows
+
+
+def _percentile(config) -> float | None:
+  """`config.export.activation_percentile`; 100 means the converter's own min/max (None)."""
+  value = float(config.export.activation_percentile)
+  return None if value >= 100.0 else value
 
 
 def export_student(config, model_dir: str, workdir: str, stage: str, teacher_dir: str | None,
