@@ -34,13 +34,17 @@ def quiet_background_errors() -> None:
   """Keeps library noise off stderr so a failure reads as the command's one line.
 
   Orbax's save threads log failures through absl and leave "Event loop is closed" tracebacks
-  in their worker threads, and TensorBoard's writer reports a failed flush at exit: the
+  in their worker threads, a failed restore leaves asyncio tasks that log their errors, and
+  TensorBoard's writer reports a failed flush at exit: the
   command's own one-line error already names the path and the cause. `KDFLAX_VERBOSE=1`
   keeps all of it.
   """
   import logging
   import threading
+  import warnings
   logging.getLogger('absl').setLevel(logging.CRITICAL)
+  logging.getLogger('asyncio').setLevel(logging.CRITICAL)  # Orbax's abandoned read tasks
+  warnings.filterwarnings('ignore', message='coroutine .* was never awaited')
   threading.excepthook = lambda args: None
   sys.unraisablehook = lambda unraisable: None
 

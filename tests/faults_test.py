@@ -98,3 +98,33 @@ def test_disk_full_during_training_stops_with_one_line_and_keeps_the_committed_c
                    f'--config.data.root={fx.BEANS_SAMPLE}'])
   assert code == 0
   assert json.loads((moved / 'results.json').read_text())['step'] == 6
+
+
+def test_truncated_checkpoint_is_one_line_and_the_one_before_it_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  command = [sys.executable, '-m', 'kdflax.cli', 'student', '--config', CONFIG, '--workdir',
+             str(workdir), '--config.train.checkpoint_every=2',
+             f'--config.data.root={fx.BEANS_SAMPLE}']
+  first = subprocess.run([*command, '--config.train.num_steps=4'], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT, check=False)
+  assert first.returncode == 0, first.stderr[-2000:]
+  for blob in (workdir / 'checkpoints' / '4').rglob('d/*'):
+    if blob.is_file():
+      os.truncate(blob, 10)
+  def good_files():  # the earlier checkpoint and the metrics log must not change
+    files = sorted(p for p in (workdir / 'checkpoints' / '2').rglob('*') if p.is_file())
+    return {str(p): p.read_bytes() for p in [*files, workdir / 'metrics.jsonl']}
+  kept = good_files()
+  again = subprocess.run([*command, '--config.train.num_steps=6'], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT, check=False)
+  lines = [line for line in again.stderr.splitlines() if line.startswith('kdflax student:')]
+  assert again.returncode == 2 and len(lines) == 1, again.stderr[-3000:]
+  assert f'{workdir / "checkpoints" / "4"}: the checkpoint cannot be read' in lines[0]
+  assert 'Traceback' not in again.stderr, again.stderr[-3000:]
+  assert good_files() == kept
+  # The advice works: without the damaged folder the run resumes from step 2 and finishes.
+  shutil.move(str(workdir / 'checkpoints' / '4'), str(tmp_path / 'damaged'))
+  done = subprocess.run([*command, '--config.train.num_steps=6'], capture_output=True,
+                        text=True, timeout=600, cwd=ROOT, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert json.loads((workdir / 'results.json').read_text())['step'] == 6

@@ -50,12 +50,12 @@ def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
   """
   from kdflax.config import ConfigError
   from kdflax.data.errors import CorruptImageError  # no TensorFlow import on this path
-  from kdflax.train.loop import CheckpointSaveError, NonFiniteLossError
+  from kdflax.train.loop import CheckpointRestoreError, CheckpointSaveError, NonFiniteLossError
   from kdflax.train.stages import StageError
   try:
     return fn()
   except (ConfigError, StageError, FileNotFoundError, ValueError, CorruptImageError,
-          CheckpointSaveError) as e:
+          CheckpointSaveError, CheckpointRestoreError) as e:
     print(f'kdflax {command}: {e}', file=sys.stderr)
     return 2
   except OSError as e:

@@ -47,6 +47,10 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class CheckpointRestoreError(RuntimeError):
+  """The checkpoint to resume from cannot be read; nothing was changed."""
+
+
 class CheckpointSaveError(RuntimeError):
   """An (asynchronous) checkpoint save failed, e.g. on a full disk; earlier ones are kept."""
 
@@ -125,12 +129,27 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
-  """The latest saved state, or `state` itself when there is none."""
+  """The latest saved state, or `state` itself when there is none.
+
+  Raises:
+    CheckpointRestoreError: the latest checkpoint cannot be read (truncated, corrupt, or from
+      another model); one line naming its folder and what to do.
+  """
   step = manager.latest_step()
   if step is None:
     return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many types
+    folder = os.path.join(str(manager.directory), str(step))
+    root = e
+    while root.__cause__ is not None:  # TensorStore's own error says what is wrong
+      root = root.__cause__
+    cause = ' '.join(str(root).split())[:240] or type(root).__name__
+    raise CheckpointRestoreError(
+        f'{folder}: the checkpoint cannot be read ({cause}); move that folder away to resume '
+        'from the one before it, or use a new --workdir to start over') from None
 
 
 def _save_model(workdir: str, subdir: str, variables: Any, desc: ModelInfo) -> None:
