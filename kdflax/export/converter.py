@@ -64,10 +64,8 @@ def convert(fn: Callable, image_size: int, precision: str = 'fp32', batch: int =
   converter = _tflite_converter(holder, concrete, precision, batch, input_type,
                                 calibration_images)
   if precision == 'int8' and activation_percentile is not None:
-    batches = batched(input_array(calibration_images, input_type), batch)
     model = _run_converter(converter, precision, functools.partial(
-        int8_ranges.quantize_with_percentile_ranges, batches=batches,
-        percentile=activation_percentile))
+        int8_ranges.quantize_with_percentile_ranges, percentile=activation_percentile))
   else:
     model = _run_converter(converter, precision)
   bad = inventory.non_builtin_ops(model)

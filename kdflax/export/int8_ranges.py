@@ -21,7 +21,7 @@ checked against the pinned tensorflow by `tests/int8_ranges_test.py`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 from ai_edge_litert.tools import flatbuffer_utils
@@ -130,15 +130,23 @@ def quantize(calibrated: bytes, input_type, output_type) -> bytes:
                                       input_data_type=input_type, output_data_type=output_type)
 
 
-def quantize_with_percentile_ranges(converter, batches: Iterable[np.ndarray],
-                                    percentile: float) -> bytes:
+def _calibration_batches(converter) -> Iterator[np.ndarray]:
+  """The converter's own representative batches, iterated once more."""
+  dataset = converter.representative_dataset
+  generate = getattr(dataset, 'input_gen', dataset)  # convert() wraps the callable
+  for inputs in generate():
+    yield inputs[0]
+
+
+def quantize_with_percentile_ranges(converter, percentile: float) -> bytes:
   """Full-int8 `.tflite` bytes from a converter set up for int8 post-training quantization.
 
   `converter` has its `representative_dataset`, int8 ops and input/output types set;
-  `batches` are the same calibration batches (iterated once more to sample activations).
+  its representative batches are run once more through the calibrated model to sample
+  activations.
   """
   calibrated = calibrated_model(converter)
   if percentile < 100.0:
-    samples = activation_samples(calibrated, batches)
+    samples = activation_samples(calibrated, _calibration_batches(converter))
     calibrated = with_ranges(calibrated, percentile_ranges(samples, percentile))
   return quantize(calibrated, converter.inference_input_type, converter.inference_output_type)

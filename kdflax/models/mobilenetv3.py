@@ -175,9 +175,14 @@ class _Layers:
     if kind == 'relu':  # fused into the convolution: one int8 tensor after the ReLU
       return self.q(nn.relu(x), name)
     # hard-swish at int8: x * relu6(x + 3), the 1/6 folded into the next op's scale
-    x = self.q(x, f'{name}_in')
-    gate = self.q(jnp.clip(x + 3.0, 0.0, 6.0), f'{name}_gate')
+    x, gate = self.hard_gate(x, f'{name}_in', f'{name}_gate')
     return self.q(x * gate / 6.0, name)
+
+  def hard_gate(self, s: jax.Array, in_name: str, gate_name: str
+                ) -> tuple[jax.Array, jax.Array]:
+    """Quantised `s` and `relu6(s + 3)` (6 x hard-sigmoid), the two int8 tensors of a gate."""
+    s = self.q(s, in_name)
+    return s, self.q(jnp.clip(s + 3.0, 0.0, 6.0), gate_name)
 
   def bn(self, name: str) -> nn.BatchNorm:
     # Quantisation-aware fine-tuning keeps the running statistics (frozen BatchNorm): the
@@ -204,7 +209,7 @@ class SqueezeExcite(nn.Module):
     s = layers.conv(x.shape[-1], 1, bias=True, name='conv_expand')(s)
     if not self.quantize:
       return x * jax.nn.hard_sigmoid(s)
-    gate = layers.q(jnp.clip(layers.q(s, 'q_expand') + 3.0, 0.0, 6.0), 'q_gate')
+    _, gate = layers.hard_gate(s, 'q_expand', 'q_gate')
     return layers.q(x * gate / 6.0, 'q_out')
 
 

@@ -41,7 +41,7 @@ def qat_config(config: ml_collections.ConfigDict, student_dir: str) -> ml_collec
   if 'quantize' not in {f.name for f in dataclasses.fields(module)}:
     raise ValueError(f'config.export.qat.epochs > 0: {config.model.name} has no simulated '
                      'int8 for quantisation-aware fine-tuning (MobileNetV3 has); set it to 0')
-  out = ml_collections.ConfigDict(config.to_dict())
+  out = ml_collections.ConfigDict(config.to_dict())  # unlocked: overrides gains a key
   out.model.init_checkpoint = student_dir
   out.model.overrides.quantize = True
   out.train.num_epochs = int(config.export.qat.epochs)

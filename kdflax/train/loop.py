@@ -63,11 +63,19 @@ def committed_steps(workdir: str) -> list[int]:
   return sorted(int(name) for name in names if name.isdigit())
 
 
+def _root_cause(error: BaseException) -> str:
+  """The innermost `__cause__` of `error` on one line (TensorStore's own error says what is
+  wrong; Orbax wraps it)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return ' '.join(str(error).split())[:240] or type(error).__name__
+
+
 def _save_failure(run: _Run, step: int, error: BaseException) -> CheckpointSaveError:
   done = committed_steps(run.workdir)
   kept = (f'the last committed checkpoint (step {done[-1]}) is kept' if done else
           'no checkpoint was committed (a re-run starts from step 0)')
-  cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  cause = _root_cause(error)
   return CheckpointSaveError(f'saving a checkpoint in {os.path.join(run.workdir, CHECKPOINT_DIR)} '
                              f'failed: {cause}; stopped at step {step}, {kept}')
 
@@ -143,10 +151,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many types
     folder = os.path.join(str(manager.directory), str(step))
-    root = e
-    while root.__cause__ is not None:  # TensorStore's own error says what is wrong
-      root = root.__cause__
-    cause = ' '.join(str(root).split())[:240] or type(root).__name__
+    cause = _root_cause(e)
     raise CheckpointRestoreError(
         f'{folder}: the checkpoint cannot be read ({cause}); move that folder away to resume '
         'from the one before it, or use a new --workdir to start over') from None
