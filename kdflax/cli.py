@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import types
 
 COMMANDS = {
     'teacher': ('train', 'fine-tune the teacher on the configured data'),
@@ -28,6 +29,9 @@ COMMANDS = {
     'info': ('info', 'params, GMACs and sown intermediates of registered models'),
     'demo': ('demo', 'forward every preset on bundled leaf photos and print a table'),
 }
+# Commands whose work imports TensorFlow (tf.data input, the TFLite converter).
+USES_TENSORFLOW = ('teacher', 'student', 'distill', 'cache-teacher', 'eval', 'pipeline', 'matrix',
+                   'export')
 
 
 def quiet_background_errors() -> None:
@@ -49,6 +53,27 @@ def quiet_background_errors() -> None:
   sys.unraisablehook = lambda unraisable: None
 
 
+def _import_quietly(module: str) -> types.ModuleType:
+  """Imports `module` with file descriptor 2 pointed at /dev/null for the duration.
+
+  TensorFlow (>= 2.20) writes its oneDNN notice to stderr before absl logging is set up,
+  whatever `TF_CPP_MIN_LOG_LEVEL` says; a command module imports it. An import that fails is
+  retried with stderr back, so its error is still shown.
+  """
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    return importlib.import_module(module)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+  return importlib.import_module(module)
+
+
 def _usage() -> str:
   width = max(map(len, COMMANDS))
   lines = ['usage: kdflax <command> [flags]   (kdflax <command> --help for its flags)', '',
@@ -61,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
   """Dispatches `argv[0]` to its command module; returns the process exit code.
 
   Called as the process's entry point (`argv` None: the `kdflax` script, `python -m
-  kdflax.cli`), background-thread noise is kept off stderr (`quiet_background_errors`); called
+  kdflax.cli`), background-thread noise and TensorFlow's import notices are kept off stderr
+  (`quiet_background_errors`, `_import_quietly`); called
   from Python with an `argv` (a notebook cell), the caller's process is left as it is.
   """
   own_process = argv is None
@@ -74,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f'kdflax: unknown command {command!r}\n\n{_usage()}', file=sys.stderr)
     return 2
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  name = f'kdflax.commands.{COMMANDS[command][0]}'
   if own_process and os.environ.get('KDFLAX_VERBOSE', '') in ('', '0'):
     quiet_background_errors()
-  module = importlib.import_module(f'kdflax.commands.{COMMANDS[command][0]}')
+    if command in USES_TENSORFLOW:
+      _import_quietly('tensorflow')
+    module = _import_quietly(name)
+  else:
+    module = importlib.import_module(name)
   return int(module.main([command, *rest]) or 0)
 
 

@@ -50,6 +50,15 @@ def test_replacing_a_model(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['m']
 
 
+def test_a_save_removes_what_an_earlier_failed_save_left(tmp_path):
+  # A write still in flight when a save failed (disk full) can recreate its temp folder after
+  # the clean-up; the next save of the same directory removes it, and only its own.
+  (tmp_path / 'm.tmp-abc123' / 'variables').mkdir(parents=True)
+  (tmp_path / 'other.tmp-x').mkdir()
+  save_model(tmp_path / 'm', _variables(0), 'mobilenetv3_small_050', 2, 64)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['m', 'other.tmp-x']
+
+
 def test_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='not a kdflax model directory'):
     read_model_info(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable
 
@@ -56,14 +57,17 @@ def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
     return fn()
   except (ConfigError, StageError, FileNotFoundError, ValueError, CorruptImageError,
           CheckpointSaveError, CheckpointRestoreError) as e:
-    print(f'kdflax {command}: {e}', file=sys.stderr)
-    return 2
+    code, line = 2, str(e)
   except OSError as e:
-    print(f'kdflax {command}: {os_error_line(e)}', file=sys.stderr)
-    return 2
+    code, line = 2, os_error_line(e)
   except NonFiniteLossError as e:
-    print(f'kdflax {command}: {e}', file=sys.stderr)
-    return 3
+    code, line = 3, str(e)
+  # The failed run's objects (tf.data iterators among them) sit in reference cycles through
+  # the traceback; collect them now, while Python is alive, not at interpreter exit (where
+  # tf.data logs a FAILED_PRECONDITION warning for each generator).
+  gc.collect()
+  print(f'kdflax {command}: {line}', file=sys.stderr)
+  return code
 
 
 def os_error_line(e: OSError) -> str:

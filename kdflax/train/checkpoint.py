@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,6 +53,24 @@ class ModelInfo:
     return module, self.image_size
 
 
+def _remove_dir(path: str, attempts: int = 20) -> None:
+  """Removes `path`, again if a write still in flight (TensorStore's C++ threads outlive a
+  failed save) recreates part of it."""
+  for _ in range(attempts):
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.exists(path):
+      return
+    time.sleep(0.05)
+
+
+def _remove_leftover_temps(directory: str) -> None:
+  """Removes `DIRECTORY.tmp-*` folders a failed or killed earlier save of `directory` left."""
+  parent, prefix = os.path.dirname(directory), os.path.basename(directory) + '.tmp-'
+  for name in os.listdir(parent):
+    if name.startswith(prefix):
+      _remove_dir(os.path.join(parent, name))
+
+
 def save_model(directory: str | os.PathLike, variables: Mapping[str, Any], model: str,
                num_classes: int, image_size: int, labels: Sequence[str] = (),
                overrides: Mapping[str, Any] | None = None) -> str:
@@ -75,6 +94,7 @@ def save_model(directory: str | os.PathLike, variables: Mapping[str, Any], model
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   host = _host_arrays(directory, variables)
+  _remove_leftover_temps(directory)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + '.tmp-', dir=parent)
   # Model directories are written by one process (the caller decides which): host NumPy
   # arrays, no cross-process barrier.
@@ -96,7 +116,7 @@ def save_model(directory: str | os.PathLike, variables: Mapping[str, Any], model
       checkpointer.close()
     except Exception:  # noqa: BLE001 - the original error is the one to report
       pass
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_dir(tmp)
     raise
   checkpointer.close()
   return directory

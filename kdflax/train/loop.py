@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -65,18 +66,27 @@ def committed_steps(workdir: str) -> list[int]:
 
 def _root_cause(error: BaseException) -> str:
   """The innermost `__cause__` of `error` on one line (TensorStore's own error says what is
-  wrong; Orbax wraps it)."""
+  wrong; Orbax wraps it). A TensorStore error that carries an OS error code is reduced to that
+  error (`No space left on device`), not its page-long store spec."""
   while error.__cause__ is not None:
     error = error.__cause__
-  return ' '.join(str(error).split())[:240] or type(error).__name__
+  if isinstance(error, OSError) and error.strerror:
+    return f'{error.filename}: {error.strerror}' if error.filename else error.strerror
+  text = ' '.join(str(error).split())
+  os_code = re.search(r"\[os_error_code='(\d+)'\]", text)
+  if os_code:
+    return os.strerror(int(os_code.group(1)))
+  return text[:240] or type(error).__name__
 
 
-def _save_failure(run: _Run, step: int, error: BaseException) -> CheckpointSaveError:
+def _save_failure(run: _Run, step: int, error: BaseException,
+                  what: str = 'a checkpoint', where: str = CHECKPOINT_DIR
+                  ) -> CheckpointSaveError:
   done = committed_steps(run.workdir)
   kept = (f'the last committed checkpoint (step {done[-1]}) is kept' if done else
           'no checkpoint was committed (a re-run starts from step 0)')
   cause = _root_cause(error)
-  return CheckpointSaveError(f'saving a checkpoint in {os.path.join(run.workdir, CHECKPOINT_DIR)} '
+  return CheckpointSaveError(f'saving {what} in {os.path.join(run.workdir, where)} '
                              f'failed: {cause}; stopped at step {step}, {kept}')
 
 
@@ -157,11 +167,16 @@ def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainSt
         'from the one before it, or use a new --workdir to start over') from None
 
 
-def _save_model(workdir: str, subdir: str, variables: Any, desc: ModelInfo) -> None:
+def _save_model(run: _Run, step: int, subdir: str, variables: Any, desc: ModelInfo) -> None:
+  """Writes the model directory `subdir` (process 0); a failed write (e.g. disk full) is a
+  CheckpointSaveError naming it (the directory's previous version stays)."""
   if jax.process_index() != 0:
     return
-  model_io.save_model(os.path.join(workdir, subdir), variables, desc.model, desc.num_classes,
-                      desc.image_size, desc.labels, desc.overrides)
+  try:
+    model_io.save_model(os.path.join(run.workdir, subdir), variables, desc.model,
+                        desc.num_classes, desc.image_size, desc.labels, desc.overrides)
+  except (OSError, ValueError) as e:  # TensorStore's write errors are ValueErrors
+    raise _save_failure(run, step, e, 'the model', subdir) from None
 
 
 @dataclasses.dataclass
@@ -254,7 +269,7 @@ def _evaluate_and_keep_best(run: _Run, step: int, state: TrainState, eval_step: 
   run.writer.write(step, {f'val/{k}': v for k, v in last_eval.items()})
   if last_eval['top1'] > run.best.get('top1', -1.0):
     run.best = {**last_eval, 'step': step}
-    _save_model(run.workdir, BEST_MODEL_DIR, state.eval_variables, model)
+    _save_model(run, step, BEST_MODEL_DIR, state.eval_variables, model)
   run.t_last, run.images = time.perf_counter(), 0  # eval time is not training throughput
   if run.bar is not None:
     best = run.best
@@ -362,7 +377,7 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_va
   last_eval = run.last_eval
   if not last_eval:  # resumed a finished run: evaluate once more for the summary
     last_eval = evaluate(eval_step, state.eval_variables, eval_batches(), mesh)
-  _save_model(workdir, FINAL_MODEL_DIR, state.eval_variables, model)
+  _save_model(run, step, FINAL_MODEL_DIR, state.eval_variables, model)
   summary = {'step': step, 'best': run.best, 'final': last_eval,
              'wall_seconds': round(time.perf_counter() - run.t_begin, 2)}
   if jax.process_index() == 0:

@@ -247,7 +247,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
 
   Returns:
     The loop summary plus `model_dir` (the best model), `params`, `gmacs`, and
-    `corrupt_images` (how many unreadable images the train stream skipped).
+    `corrupt_images` (how many distinct unreadable images the train stream skipped).
   """
   fingerprint = stage_fingerprint(config, stage, teacher_dir)
   finished = finished_summary(workdir, fingerprint)
@@ -276,12 +276,13 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, stage: str,
   summary = fit(setup.state, setup.train_step, setup.eval_step, setup.teacher_variables,
                 train_batches, setup.data.eval, setup.options, workdir, setup.mesh, desc,
                 log=log_fn)
-  corrupt = sum(s.corrupt.count for s in streams)
+  corrupt = sorted({k for s in streams for k in s.corrupt.keys})
   if corrupt:
-    log_fn(f'[{stage}] skipped {corrupt} unreadable image(s): '
-           f'{", ".join(sorted({k for s in streams for k in s.corrupt.keys})[:10])}')
+    skips = sum(s.corrupt.count for s in streams)
+    log_fn(f'[{stage}] skipped {len(corrupt)} unreadable image(s) ({skips} time(s) in all; '
+           f'each replaced by the next image): {", ".join(corrupt[:10])}')
   summary.update(stage=stage, model=desc.model, params=cost['params'], gmacs=cost['gmacs'],
-                 corrupt_images=corrupt,
+                 corrupt_images=len(corrupt),
                  model_dir=os.path.join(os.path.abspath(workdir), BEST_MODEL_DIR))
   if not summary.get('stopped_early') and jax.process_index() == 0:
     atomic.write_json(os.path.join(workdir, RESULTS_FILE),
