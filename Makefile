@@ -36,6 +36,10 @@ bench: $(VENV)/.full-installed
 	$(PY) tools/bench_input.py
 	$(PY) tools/bench_tflite.py --threads 1 --trials 11
 	$(PY) tools/bench_train.py --json runs/bench_train.json
+	$(PY) tools/profile_step.py --row student
+	@if [ -d runs/demo/teacher ]; then \
+	  $(PY) tools/bench_cache.py --teacher_workdir runs/demo/teacher --json runs/bench_cache.json; \
+	else echo "bench_cache: skipped (it distils from the demo's teacher: run make demo first)"; fi
 
 lint: $(VENV)/.full-installed
 	$(VENV)/bin/ruff check kdflax tests tools configs
