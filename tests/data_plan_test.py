@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kdflax.data import plan as plan_lib
-from kdflax.data.plan import MixOptions, TrainPlan, eval_indices
+from kdflax.data.plan import MixOptions, TrainPlan, epoch_views, eval_indices
 
 
 def test_each_epoch_visits_a_fresh_permutation():
@@ -99,3 +99,19 @@ def test_eval_indices_cover_every_record_once_with_padding(n, batch, count):
   flat = np.concatenate(parts, axis=1).reshape(-1)  # global batches, in order
   np.testing.assert_array_equal(flat[:n], np.arange(n))
   assert np.all(flat[n:] == -1)
+
+
+@pytest.mark.parametrize('views', [1, 3, 8])
+def test_cached_views_are_dealt_without_replacement(views):
+  # K consecutive epochs (a cycle) show every record each of its K views exactly once; the
+  # order is a pure function of (seed, cycle) and differs between cycles and records.
+  n = 50
+  cycles = [np.stack([epoch_views(7, c * views + p, n, views) for p in range(views)], axis=1)
+            for c in range(3)]
+  for shown in cycles:
+    assert shown.dtype == np.int32 and shown.shape == (n, views)
+    np.testing.assert_array_equal(np.sort(shown, axis=1), np.tile(np.arange(views), (n, 1)))
+  np.testing.assert_array_equal(epoch_views(7, 4, n, views), epoch_views(7, 4, n, views))
+  if views > 2:
+    assert not np.array_equal(cycles[0], cycles[1])
+    assert len({tuple(row) for row in cycles[0]}) > 1

@@ -19,7 +19,8 @@ the rows of the batches it yields are ever read.
   has K fixed augmented views; view v of record i is augmented with the seed pair
   `view_seeds(seed, i, v) = (seed, -(1 + i * MAX_VIEWS + v))` (negative: never a slot seed), a
   pure function of (seed, record, view). Epoch e shows record i its view
-  `epoch_views(seed, e, N, K)[i]` (a seeded draw per epoch and record), and each row carries
+  `epoch_views(seed, e, N, K)[i]`: each record goes through its K views in a seeded order, a
+  new order every K epochs, so K consecutive epochs show every view once. Each row carries
   its candidates' views and seeds, so the batch can name (record, view) for the cache lookup.
   Mixing images cannot be cached: views and mixup/CutMix exclude each other.
 - Mixup / CutMix pair global rows (2j, 2j+1): each row mixes with its partner with the pair's
@@ -64,9 +65,19 @@ def view_seeds(seed: int, index: np.ndarray, view: np.ndarray) -> np.ndarray:
 
 
 def epoch_views(seed: int, epoch: int, num_examples: int, num_views: int) -> np.ndarray:
-  """`(N,)` int32: which of its `num_views` cached views record i shows in epoch `epoch`."""
-  rng = np.random.default_rng([seed, _VIEW, epoch])
-  return rng.integers(num_views, size=num_examples).astype(np.int32)
+  """`(N,)` int32: which of its `num_views` cached views record i shows in epoch `epoch`.
+
+  Views are dealt without replacement: epochs `c*K .. c*K + K-1` (cycle c) show each record its
+  K views in the order of a seeded per-record permutation of cycle c. With K >= the number of
+  epochs no view is shown twice, as with the live teacher's fresh crops (a view drawn
+  independently every epoch would repeat: with K = 30 over 30 epochs a record would show
+  about 19 distinct crops).
+  """
+  cycle, position = divmod(epoch, num_views)
+  rng = np.random.default_rng([seed, _VIEW, cycle])
+  order = rng.permuted(np.broadcast_to(np.arange(num_views, dtype=np.int32),
+                                       (num_examples, num_views)), axis=1)
+  return np.ascontiguousarray(order[:, position])
 
 
 def _check_shards(global_batch: int, process_index: int, process_count: int) -> int:
