@@ -193,7 +193,6 @@ def test_sigkill_during_a_save_resumes_bit_identically(finished, tmp_path, point
   assert committed_steps(str(workdir)) == [2]
   assert [p.name for p in (workdir / 'checkpoints').iterdir() if p.name.startswith('4.')]
   assert json.loads((workdir / 'results.json').read_text())['step'] == 2
-  kept = files(workdir / 'checkpoints' / '2')
 
   again = kdflax('student', '--config', CONFIG, '--workdir', str(workdir), *SIX)
   assert again.returncode == 0, again.stderr[-3000:]
@@ -204,7 +203,6 @@ def test_sigkill_during_a_save_resumes_bit_identically(finished, tmp_path, point
   steps = [json.loads(line)['step'] for line in
            (workdir / 'metrics.jsonl').read_text().splitlines() if 'train/loss' in line]
   assert steps == [1, 2, 3, 4, 5, 6]
-  assert kept  # the resumed-from checkpoint was whole (max_to_keep later removes it)
 
 
 def _assert_disk_full_then_resume(workdir: pathlib.Path, proc, tmp_path):
