@@ -9,7 +9,8 @@
 Temp names start with '.' and live beside the target (same filesystem, so the rename is
 atomic); a crash leaves at most a hidden temp, never a half-written target. Used by every
 writer in kdflax (configs, metrics summaries, model directories, caches, .tflite, reports,
-figures). Imports nothing from kdflax.
+figures). Imports nothing from kdflax. `os_error_line` is the one-line form of a failed
+file-system operation that every command prints.
 """
 
 from __future__ import annotations
@@ -90,3 +91,10 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
   os.rename(tmp, final)
   if old:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def os_error_line(e: OSError) -> str:
+  """`PATH: cause` for a file-system error (e.g. `runs/x/config.json: Not a directory`)."""
+  where = e.filename if e.filename is not None else ''
+  cause = e.strerror or str(e)
+  return f'{where}: {cause}' if where else cause

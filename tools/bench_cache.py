@@ -31,6 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from kdflax import atomic  # noqa: E402
 
 
 def _kdflax(*args: str) -> float:
@@ -122,13 +125,13 @@ def main(argv: list[str]) -> int:
   args, args.overrides = parser.parse_known_args(argv)
   os.makedirs(args.workdir, exist_ok=True)
   path = os.path.join(args.workdir, 'records.json')
-  records = json.load(open(path)) if os.path.exists(path) else {}
+  records = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      records = json.load(f)
 
   def save():
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(records, f, indent=1)
-    os.replace(tmp, path)
+    atomic.write_json(path, records, indent=1)
 
   for seed in args.seeds:
     run_seed(args, seed, records, save)
@@ -137,9 +140,8 @@ def main(argv: list[str]) -> int:
   print(text)
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-      json.dump({'config': args.config, 'overrides': args.overrides, 'records': records,
-                 'table': text}, f, indent=1)
+    atomic.write_json(args.json, {'config': args.config, 'overrides': args.overrides,
+                                  'records': records, 'table': text}, indent=1)
   return 0
 
 

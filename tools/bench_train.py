@@ -63,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -242,7 +243,9 @@ def time_steps(step, state, teacher, batch, warmup: int, steps: int) -> dict[str
   return {'step_s': step_s, 'first_step_s': compile_s, 'loss': float(metrics['loss'])}
 
 
-def measure_kdflax(args: argparse.Namespace, cell: Cell) -> dict[str, Any]:
+def kdflax_step(args: argparse.Namespace, cell: Cell) -> tuple[Callable, Any, Any, Any]:
+  """The library's jitted step of `cell`, its state, teacher variables and batch on the
+  device: `step(state, teacher, batch) -> (state, metrics)` (the state is donated)."""
   from kdflax.train.loop import to_global
   from kdflax.train.stages import prepare_stage
 
@@ -256,8 +259,12 @@ def measure_kdflax(args: argparse.Namespace, cell: Cell) -> dict[str, Any]:
   if cell.step == 'kd_given':
     step, grids = given_teacher_step(config, setup)
   batch = to_global(random_batch(cell, grids), setup.mesh)
-  result = time_steps(step, setup.state, setup.teacher_variables, batch, args.warmup,
-                      args.steps)
+  return step, setup.state, setup.teacher_variables, batch
+
+
+def measure_kdflax(args: argparse.Namespace, cell: Cell) -> dict[str, Any]:
+  step, state, teacher, batch = kdflax_step(args, cell)
+  result = time_steps(step, state, teacher, batch, args.warmup, args.steps)
   result['images_per_s'] = cell.batch / result['step_s']
   return result
 

@@ -72,18 +72,9 @@ def classify(op_name: str) -> tuple[str, str]:
 
 
 def build_step(row: str, size: int, batch: int):
-  """The benchmark's jitted step, its state, teacher variables and batch on the device."""
-  from kdflax.train.loop import to_global
-  from kdflax.train.stages import prepare_stage
+  """`tools/bench_train.py`'s jitted step for `row`, its state, teacher variables and batch."""
   args = bench_train.parse_args(['--rows', row, '--size', str(size), '--batches', str(batch)])
-  cell = bench_train.plan_cells(args)[0]
-  with tempfile.TemporaryDirectory(prefix='profile_step_data_') as root:
-    bench_train.write_class_folder(root, -(-cell.batch // bench_train.NUM_CLASSES))
-    config = bench_train.make_config(args, cell, root)
-    stage = 'distill' if row == 'kd' else 'student'
-    setup = prepare_stage(config, stage, random_teacher=row == 'kd', log_fn=lambda _: None)
-  device_batch = to_global(bench_train.random_batch(cell, None), setup.mesh)
-  return setup.train_step, setup.state, setup.teacher_variables, device_batch
+  return bench_train.kdflax_step(args, bench_train.plan_cells(args)[0])
 
 
 def profile(row: str, size: int, batch: int, steps: int) -> dict[str, Any]:

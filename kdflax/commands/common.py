@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import ml_collections
 
+from kdflax import atomic
+
 
 def parse_with_overrides(parser: argparse.ArgumentParser,
                          argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -59,7 +61,7 @@ def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
           CheckpointSaveError, CheckpointRestoreError) as e:
     code, line = 2, str(e)
   except OSError as e:
-    code, line = 2, os_error_line(e)
+    code, line = 2, atomic.os_error_line(e)
   except NonFiniteLossError as e:
     code, line = 3, str(e)
   # The failed run's objects (tf.data iterators among them) sit in reference cycles through
@@ -68,10 +70,3 @@ def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
   gc.collect()
   print(f'kdflax {command}: {line}', file=sys.stderr)
   return code
-
-
-def os_error_line(e: OSError) -> str:
-  """`PATH: cause` for a file-system error (e.g. `runs/x/config.json: Not a directory`)."""
-  where = e.filename if e.filename is not None else ''
-  cause = e.strerror or str(e)
-  return f'{where}: {cause}' if where else cause

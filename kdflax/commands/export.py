@@ -169,7 +169,7 @@ def main(argv: list[str]) -> int:
     print(f'kdflax export: error: {e}{hint}', file=sys.stderr)
     return 1
   except OSError as e:
-    from kdflax.commands.common import os_error_line
+    from kdflax.atomic import os_error_line
     print(f'kdflax export: error: {os_error_line(e)}', file=sys.stderr)
     return 1
 

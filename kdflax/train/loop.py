@@ -71,7 +71,7 @@ def _root_cause(error: BaseException) -> str:
   while error.__cause__ is not None:
     error = error.__cause__
   if isinstance(error, OSError) and error.strerror:
-    return f'{error.filename}: {error.strerror}' if error.filename else error.strerror
+    return atomic.os_error_line(error)
   text = ' '.join(str(error).split())
   os_code = re.search(r"\[os_error_code='(\d+)'\]", text)
   if os_code:
