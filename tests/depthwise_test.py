@@ -14,6 +14,7 @@ from kdflax.models.depthwise import (
   reference_form,
   resolve_impl,
 )
+from kdflax.models.depthwise_cpu import available, depthwise_cpu
 
 
 def numpy_depthwise(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
@@ -37,7 +38,7 @@ def test_both_forms_equal_a_numpy_rederivation(kernel_size, stride, size):
   x = rng.normal(size=(2, size, size + 1, 6)).astype(np.float32)
   w = rng.normal(size=(kernel_size, kernel_size, 1, 6)).astype(np.float32)
   want = numpy_depthwise(x, w, stride)
-  for fn in (depthwise_conv, depthwise_shifted):
+  for fn in (depthwise_conv, depthwise_shifted, depthwise_cpu):
     np.testing.assert_allclose(fn(jnp.asarray(x), jnp.asarray(w), stride), want, atol=1e-5)
 
 
@@ -50,8 +51,9 @@ def test_gradients_agree_between_forms():
   def grads(fn):
     return jax.grad(lambda x, w: jnp.sum(fn(x, w, 2) * cot), (0, 1))(x, w)
 
-  for got, want in zip(grads(depthwise_shifted), grads(depthwise_conv), strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for fn in (depthwise_shifted, depthwise_cpu):
+    for got, want in zip(grads(fn), grads(depthwise_conv), strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_module_has_nn_conv_parameters_and_init():
@@ -63,7 +65,9 @@ def test_module_has_nn_conv_parameters_and_init():
 
 
 def test_auto_picks_by_backend_and_bad_names_are_errors():
-  assert resolve_impl('auto') == ('shifted' if jax.default_backend() == 'cpu' else 'conv')
+  on_cpu = jax.default_backend() == 'cpu'
+  assert resolve_impl('auto') == (('cpu_kernel' if available() else 'shifted') if on_cpu
+                                  else 'conv')
   assert resolve_impl('conv') == 'conv'
   with pytest.raises(ValueError, match="one of .*'shifted'.*got 'fast'"):
     resolve_impl('fast')

@@ -1,9 +1,10 @@
-"""One depthwise convolution layer: grouped convolution vs shifted slices, forward and backward.
+"""One depthwise convolution layer: grouped convolution vs shifted slices vs the CPU kernel.
 
     .venv/bin/python tools/bench_depthwise.py [--shape 16 56 56 72] [--kernel 3] [--stride 1]
 
 Times, on the default JAX backend, `kdflax.models.depthwise.depthwise_conv` (XLA grouped
-convolution) and `depthwise_shifted` (sum of k*k strided slices times per-channel weights):
+convolution), `depthwise_shifted` (sum of k*k strided slices times per-channel weights) and,
+on the CPU, `kdflax.models.depthwise_cpu.depthwise_cpu` (the XLA:CPU custom call):
 the forward pass, the gradient of sum(y^2) with respect to the input, to the kernel, and to
 both; best of 5 after a compile. Also prints the largest difference between the two outputs.
 """
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kdflax.models.depthwise import depthwise_conv, depthwise_shifted
+from kdflax.models.depthwise_cpu import available, depthwise_cpu
 
 
 def best_ms(fn: Callable, *args, repeats: int = 5) -> float:
@@ -43,7 +45,10 @@ def main() -> None:
   print(f'{jax.default_backend()}: x {tuple(args.shape)}, {args.kernel}x{args.kernel} '
         f'stride {args.stride}; best of 5, ms')
   ref = depthwise_conv(x, w, args.stride)
-  for name, impl in (('conv', depthwise_conv), ('shifted', depthwise_shifted)):
+  impls = [('conv', depthwise_conv), ('shifted', depthwise_shifted)]
+  if jax.default_backend() == 'cpu' and available():
+    impls.append(('cpu_kernel', depthwise_cpu))
+  for name, impl in impls:
     def forward(x, w, impl=impl):
       return impl(x, w, args.stride)
 

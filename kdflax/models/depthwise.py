@@ -11,12 +11,16 @@ Implementations:
   'conv'     `lax.conv_general_dilated` with `feature_group_count=C`. What TPUs and GPUs run
              well, and what jax2tf -> TFLite turns into DEPTHWISE_CONV_2D (export uses it).
   'shifted'  the same arithmetic as a sum over the k*k taps of strided slices of the padded
-             input times that tap's per-channel weights. XLA:CPU runs grouped convolutions
-             through a slow generic path; measured on 2 cores, (16, 56, 56, 72), 3x3
-             (`tools/bench_depthwise.py`): forward 69 -> 1.7 ms, forward + both gradients
-             199 -> 50 ms (plain autodiff of this form; hand-written weight-gradient variants
-             were measured and did not beat it).
-  'auto'     'shifted' when the default backend is the CPU, 'conv' elsewhere (at trace time).
+             input times that tap's per-channel weights, in plain JAX. XLA:CPU runs grouped
+             convolutions through a slow generic path; measured on 2 cores, (16, 56, 56, 72),
+             3x3 (`tools/bench_depthwise.py`): forward 69 -> 1.7 ms, forward + both gradients
+             199 -> 50 ms.
+  'cpu_kernel'  an XLA:CPU custom call with hand-written forward, input-gradient and
+             kernel-gradient loops (`kdflax.models.depthwise_cpu`, compiled on first use):
+             the kernel gradient, which autodiff of 'shifted' turns into k*k full-size
+             reductions, becomes one pass. CPU only.
+  'auto'     'cpu_kernel' when the default backend is the CPU and the kernel builds there,
+             else 'shifted' on the CPU and 'conv' elsewhere (decided at trace time).
 """
 
 from __future__ import annotations
@@ -28,17 +32,33 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kdflax.models import depthwise_cpu
 from kdflax.models.quant import fake_quant_kernel
 
-IMPLS = ('auto', 'conv', 'shifted')
+IMPLS = ('auto', 'conv', 'shifted', 'cpu_kernel')
+
+
+def check_impl(impl: str) -> str:
+  """`impl` if it is one of `IMPLS`, else a ValueError naming the choices (builds nothing)."""
+  if impl not in IMPLS:
+    raise ValueError(f'depthwise implementation must be one of {IMPLS}, got {impl!r}')
+  return impl
 
 
 def resolve_impl(impl: str) -> str:
-  """'conv' or 'shifted' for `impl` in `IMPLS` ('auto' picks by the default backend)."""
-  if impl not in IMPLS:
-    raise ValueError(f'depthwise implementation must be one of {IMPLS}, got {impl!r}')
-  if impl == 'auto':
-    return 'shifted' if jax.default_backend() == 'cpu' else 'conv'
+  """'conv', 'shifted' or 'cpu_kernel' for `impl` in `IMPLS` ('auto' picks by backend).
+
+  On the CPU, 'auto' builds the CPU kernel the first time it is asked (a few seconds, once per
+  machine) and falls back to 'shifted' when that is not possible.
+  """
+  on_cpu = jax.default_backend() == 'cpu'
+  if check_impl(impl) == 'auto':
+    if not on_cpu:
+      return 'conv'
+    return 'cpu_kernel' if depthwise_cpu.available() else 'shifted'
+  if impl == 'cpu_kernel' and not on_cpu:
+    raise ValueError(f"depthwise implementation 'cpu_kernel' runs on the CPU only; the default "
+                     f"backend is {jax.default_backend()} (use 'auto' or 'conv')")
   return impl
 
 
@@ -77,7 +97,7 @@ class DepthwiseConv(nn.Module):
   Attributes:
     kernel_size: k (square kernel).
     strides: stride in both spatial dimensions.
-    impl: 'auto', 'conv' or 'shifted' (see the module docstring).
+    impl: 'auto', 'conv', 'shifted' or 'cpu_kernel' (see the module docstring).
     quantize: round the kernel to int8 per channel (`kdflax.models.quant.fake_quant_kernel`).
     dtype: compute dtype (None: the promoted dtype of input and kernel, as `nn.Conv`).
     param_dtype: kernel dtype.
@@ -98,7 +118,10 @@ class DepthwiseConv(nn.Module):
     if self.quantize:  # int8 per channel, as the full-int8 `.tflite` stores it
       kernel = fake_quant_kernel(kernel)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    if resolve_impl(self.impl) == 'shifted':
+    impl = resolve_impl(self.impl)
+    if impl == 'cpu_kernel':
+      return depthwise_cpu.depthwise_cpu(x, kernel, self.strides)
+    if impl == 'shifted':
       return depthwise_shifted(x, kernel, self.strides)
     return depthwise_conv(x, kernel, self.strides)
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from kdflax.models import quant
-from kdflax.models.depthwise import DepthwiseConv, resolve_impl
+from kdflax.models.depthwise import DepthwiseConv, check_impl
 from kdflax.models.preprocess import normalize
 
 # PyTorch BatchNorm defaults (momentum 0.1 -> Flax decay 0.9, eps 1e-5), as timm uses them.
@@ -267,9 +267,9 @@ class MobileNetV3(nn.Module):
       timm's training recipe; timm's constructor default is 0, which only matters in training).
     drop_path_rate: stochastic depth of the last block; earlier blocks scale linearly.
     depthwise: depthwise-convolution implementation, 'auto' (per backend at trace time),
-      'conv' (grouped convolution; what TFLite export uses) or 'shifted' (sum of shifted
-      slices, several times faster on XLA:CPU); see `kdflax.models.depthwise`. Parameters
-      and results are the same for all three.
+      'conv' (grouped convolution; what TFLite export uses), 'shifted' (sum of shifted
+      slices in plain JAX) or 'cpu_kernel' (an XLA:CPU custom call, the fastest on the CPU);
+      see `kdflax.models.depthwise`. Parameters and results are the same for all four.
     quantize: simulate the full-int8 `.tflite` (`kdflax.models.quant`) for quantisation-aware
       fine-tuning: same parameters, plus activation ranges in `batch_stats`. Export always
       lowers the float model (`quantize=False`); the converter does the rounding.
@@ -289,7 +289,7 @@ class MobileNetV3(nn.Module):
 
   def __post_init__(self) -> None:
     block_configs(self.variant, self.width_mult)  # a bad variant / width fails on creation
-    resolve_impl(self.depthwise)
+    check_impl(self.depthwise)
     super().__post_init__()
 
   @nn.compact
