@@ -72,7 +72,8 @@ def test_vmap_and_bad_shapes():
   got = jax.vmap(lambda v: depthwise_cpu.depthwise_cpu(v, kernel, 2))(x)
   np.testing.assert_allclose(got, jax.vmap(lambda v: depthwise_conv(v, kernel, 2))(x),
                              rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match=r'kernel \(k,k,1,C\), got \(2, 6, 6, 4\) and \(3, 3, 1, 5\)'):
+  expected = r'kernel \(k,k,1,C\), got \(2, 6, 6, 4\) and \(3, 3, 1, 5\)'
+  with pytest.raises(ValueError, match=expected):
     depthwise_cpu.depthwise_cpu(x[0], jnp.ones((3, 3, 1, 5)), 1)
 
 
