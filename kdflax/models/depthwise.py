@@ -18,7 +18,8 @@ Implementations:
   'cpu_kernel'  an XLA:CPU custom call with hand-written forward, input-gradient and
              kernel-gradient loops (`kdflax.models.depthwise_cpu`, compiled on first use):
              the kernel gradient, which autodiff of 'shifted' turns into k*k full-size
-             reductions, becomes one pass. CPU only.
+             reductions, becomes one pass. Same layer: forward 1.5 ms, forward + both
+             gradients 5.9 ms. CPU only.
   'auto'     'cpu_kernel' when the default backend is the CPU and the kernel builds there,
              else 'shifted' on the CPU and 'conv' elsewhere (decided at trace time).
 """
