@@ -11,7 +11,8 @@ the teacher at 128 px and by the student at 64 px.
 
 The teacher is trained from scratch in the run (20 epochs; no pretrained weights exist
 here). At this scale distillation's effect on val top-1 is inside the seed spread (3 seeds:
-baseline 92.2 +- 2.4, distilled 92.0 +- 0.9; docs/results.md). The demo's numbers are one seed; `results/demo/` holds the teacher's accuracy and
+baseline 92.2 +- 2.4, distilled 92.0 +- 0.9; docs/results.md). The demo's numbers are one
+seed; `results/demo/` holds the teacher's accuracy and
 baseline vs distilled over 3 seeds (`kdflax matrix`, the same teacher: training is a pure
 function of the config and the seed). `--config.teacher.checkpoint=MODEL_DIR` skips the teacher
 stage and distils from a model directory you have.

@@ -27,5 +27,9 @@ def test_seeds_note_reads_a_matrix_summary(tmp_path):
   path.write_text(json.dumps({'summary': matrix.summarize(rows)}))
   note = demo.seeds_note(str(path))
   assert 'over 2 seeds' in note and 'baseline 89.0 +- 1.4' in note
-  assert 'distilled 94.0 +- 1.4' in note
+  assert note.endswith('distilled 94.0 +- 1.4 val top-1, +5.0 points: more than the spread '
+                       'over seeds')
+  rows[3]['val_top1'] = 0.87  # kd 0.93, 0.87: mean 90.0 +- 4.2, one point above the baseline
+  path.write_text(json.dumps({'summary': matrix.summarize(rows)}))
+  assert demo.seeds_note(str(path)).endswith(', +1.0 points: inside the spread over seeds')
   assert 'no seed summary' in demo.seeds_note(str(tmp_path / 'missing.json'))

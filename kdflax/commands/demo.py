@@ -52,14 +52,21 @@ def seeds_note(path: str = SEEDS_FILE) -> str:
       summary = json.load(f)['summary']
   except (OSError, ValueError, KeyError):
     return f'no seed summary at {os.path.relpath(path, ROOT)}'
-  parts = []
+  parts, stats = [], []
   for method, label in (('baseline', 'baseline'), ('kd', 'distilled')):
     stat = summary.get(method, {}).get('val_top1', {})
     if stat.get('mean') is not None:
       parts.append(f'{label} {100 * stat["mean"]:.1f} +- {100 * stat["std"]:.1f}')
+      stats.append(stat)
   seeds = summary.get('kd', {}).get('n', 0)
-  return (f'over {seeds} seeds ({os.path.relpath(path, ROOT)}): ' + ', '.join(parts) +
+  note = (f'over {seeds} seeds ({os.path.relpath(path, ROOT)}): ' + ', '.join(parts) +
           ' val top-1')
+  if len(stats) == 2:  # is the mean difference larger than the larger of the two stds?
+    delta = 100 * (stats[1]['mean'] - stats[0]['mean'])
+    spread = 100 * max(stats[0]['std'] or 0.0, stats[1]['std'] or 0.0)
+    note += (f', {delta:+.1f} points: inside the spread over seeds' if abs(delta) <= spread
+             else f', {delta:+.1f} points: more than the spread over seeds')
+  return note
 
 
 def main(argv: list[str]) -> int:
