@@ -55,11 +55,13 @@ void ParallelChunks(ffi::ThreadPool& pool, int64_t chunks, Body body) {
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-Geometry Shape(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, int64_t stride) {
-  auto xd = x.dimensions();
+// The geometry of x's dims (N, H, W, C) and a k x k kernel at `stride`: the output (and dy)
+// spatial size is derived, as the Python side derives the result shapes.
+template <typename Dims>
+Geometry Shape(const Dims& xd, int64_t k, int64_t stride) {
   Geometry g;
   g.n = xd[0]; g.h = xd[1]; g.w = xd[2]; g.c = xd[3];
-  g.k = w.dimensions()[0]; g.s = stride; g.p = g.k / 2;
+  g.k = k; g.s = stride; g.p = k / 2;
   g.ho = (g.h + 2 * g.p - g.k) / g.s + 1;
   g.wo = (g.w + 2 * g.p - g.k) / g.s + 1;
   return g;
@@ -161,7 +163,7 @@ constexpr int64_t kKernelChunks = 16;   // kernel gradient: one partial per chun
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride) {
-  const Geometry g = Shape(x, w, stride);
+  const Geometry g = Shape(x.dimensions(), w.dimensions()[0], stride);
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
@@ -174,11 +176,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
 ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                      ffi::ResultBuffer<ffi::F32> dx, int64_t stride) {
-  auto dims = dx->dimensions();
-  Geometry g;
-  g.n = dims[0]; g.h = dims[1]; g.w = dims[2]; g.c = dims[3];
-  g.k = w.dimensions()[0]; g.s = stride; g.p = g.k / 2;
-  g.ho = dy.dimensions()[1]; g.wo = dy.dimensions()[2];
+  const Geometry g = Shape(dx->dimensions(), w.dimensions()[0], stride);
   const float* dyp = dy.typed_data();
   const float* wp = w.typed_data();
   float* dxp = dx->typed_data();
@@ -191,11 +189,7 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer
 
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw, int64_t stride) {
-  auto xd = x.dimensions();
-  Geometry g;
-  g.n = xd[0]; g.h = xd[1]; g.w = xd[2]; g.c = xd[3];
-  g.k = dw->dimensions()[0]; g.s = stride; g.p = g.k / 2;
-  g.ho = dy.dimensions()[1]; g.wo = dy.dimensions()[2];
+  const Geometry g = Shape(x.dimensions(), dw->dimensions()[0], stride);
   const int64_t taps = g.k * g.k * g.c;
   const Rows rows = SplitRows(g.n * g.ho, kKernelChunks);
   std::vector<float> partials(rows.chunks * taps, 0.0f);
