@@ -21,7 +21,8 @@ from kdflax.models.init import init_variables
 from kdflax.train import checkpoint as model_io
 from kdflax.train.stages import prepare_stage
 from kdflax.train.step import TEACHER_LOGITS, TEACHER_TARGET_PREFIX, make_train_step
-from kdflax.train.teacher_cache import MANIFEST, CacheError, TeacherCache, build_cache
+from kdflax.train.teacher_cache import MANIFEST, CacheError, TeacherCache
+from kdflax.train.teacher_cache.build import build_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny_cache.py')

@@ -46,7 +46,7 @@ def _build(command: str, args: argparse.Namespace,
            config: ml_collections.ConfigDict) -> int:
   """Builds the cache at `args.out`; prints its summary as JSON."""
   from kdflax.train.checkpoint import resolve_model_dir
-  from kdflax.train.teacher_cache import build_cache
+  from kdflax.train.teacher_cache.build import build_cache
   manifest = build_cache(config, args.out, teacher_dir=resolve_model_dir(args.teacher_workdir),
                          views=args.views, batch_size=args.batch_size,
                          shard_images=args.shard_images)

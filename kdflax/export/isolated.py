@@ -29,23 +29,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kdflax.export.child_env import child_env
+
 
 class InterpreterCrash(RuntimeError):
   """The child process running the interpreter died or failed; the message says how."""
 
 
-def _child_env() -> dict[str, str]:
-  env = dict(os.environ)
-  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (package_root, env.get('PYTHONPATH')) if p)
-  return env
-
-
 def _run_child(args: list[str], what: str, timeout: float) -> None:
   cmd = [sys.executable, '-m', 'kdflax.export.isolated', *args]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
   except subprocess.TimeoutExpired:
     raise InterpreterCrash(f'{what}: the LiteRT interpreter did not finish within '
                            f'{timeout:.0f} s') from None

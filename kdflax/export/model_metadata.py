@@ -37,6 +37,7 @@ import types
 import zipfile
 from collections.abc import Sequence
 
+from kdflax.export.child_env import child_env
 from kdflax.export.flatbuffer import STANDARD_METADATA, ModelFileError, _Reader, read_metadata
 
 STANDARD_NAME = STANDARD_METADATA
@@ -190,12 +191,11 @@ def write_standard_metadata(model: bytes, *, name: str, description: str, versio
     src, dst = os.path.join(tmp, 'in.tflite'), os.path.join(tmp, 'out.tflite')
     with open(src, 'wb') as f:
       f.write(model)
-    from kdflax.export.isolated import _child_env
     cmd = [sys.executable, '-m', 'kdflax.export.model_metadata', '--model', src, '--out', dst,
            '--spec', json.dumps(spec)]
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                            env=_child_env())
+                            env=child_env())
     except subprocess.TimeoutExpired:
       raise RuntimeError(f'the metadata writer did not finish within {timeout:.0f} s') from None
     if proc.returncode != 0 or not os.path.exists(dst):

@@ -1,5 +1,6 @@
 """Teacher-output cache: the frozen teacher run once over K fixed augmented views per image.
 
+    from kdflax.train.teacher_cache.build import build_cache
     manifest = build_cache(config, 'runs/cache', teacher_dir='runs/teacher/model_best', views=8)
     cache = TeacherCache('runs/cache')          # one-line CacheError if absent or incomplete
     cache.check(expected)                       # one-line CacheError naming a differing field
@@ -29,10 +30,10 @@ CutMix cannot be cached (a mixed image's teacher output depends on its partner).
 
 Modules: `format` (file names, `FORMAT`, `PARTIAL`, `LOGITS`, `CacheError`), `fingerprint`
 (what a cache was built from), `reader` (`TeacherCache` and the cached train stream), `build`
-(`build_cache`).
+(`build_cache`: import it from `kdflax.train.teacher_cache.build`; it builds on the stages,
+which read caches through this package, so the package does not import it).
 """
 
-from kdflax.train.teacher_cache.build import build_cache
 from kdflax.train.teacher_cache.fingerprint import (
     AUGMENTATION_KEYS,
     DATA_KEYS,
@@ -48,7 +49,7 @@ from kdflax.train.teacher_cache.reader import CachedTeacherData, CachedTeacherSt
 
 __all__ = [
     'AUGMENTATION_KEYS', 'DATA_KEYS', 'MANIFEST', 'SHARD_BYTES', 'CacheError', 'CachedTeacherData',
-    'CachedTeacherStream', 'TeacherCache', 'build_cache',
+    'CachedTeacherStream', 'TeacherCache',
     'expected_fingerprint', 'fingerprint_difference', 'records_digest', 'refuse_mixing',
     'target_specs', 'teacher_identity', 'variables_digest',
 ]
