@@ -25,6 +25,7 @@ COMMANDS = {
     'figures': ('figures', 'learning curves and teacher-vs-student attention pictures of a run'),
     'export': ('export', 'export a model to .tflite (fp32 / fp16 / int8) with a parity check'),
     'predict': ('predict', 'classify images with a .tflite file or a model directory'),
+    'app': ('app', 'a static web app (phone, offline) that runs a .tflite with MediaPipe'),
     'convert': ('convert', 'convert a timm / Hugging Face PyTorch checkpoint to a model dir'),
     'info': ('info', 'params, GMACs and sown intermediates of registered models'),
     'demo': ('demo', 'forward every preset on bundled leaf photos and print a table'),
