@@ -9,7 +9,10 @@ export JAX_PLATFORMS ?= cpu
 # Number of pytest workers (2 cores in CI).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test bench lint lock clean venv venv-full
+# The web app's JavaScript and WASM: @mediapipe/tasks-vision as pinned by its package-lock.json.
+APP_WEB := kdflax/app/web
+
+.PHONY: demo test bench lint lock clean venv venv-full web
 
 # Base install: what `make demo` needs (JAX side, TensorFlow for data and export).
 $(VENV)/.base-installed: pyproject.toml requirements/constraints.txt
@@ -23,13 +26,21 @@ $(VENV)/.full-installed: $(VENV)/.base-installed
 	$(PIP) -e '.[dev,torch]'
 	touch $@
 
+# `kdflax app` copies these files (it runs npm ci itself when they are missing); the browser
+# test uses them. Without npm, say so: the browser test then skips (fails under CI).
+$(APP_WEB)/node_modules/.package-lock.json: $(APP_WEB)/package.json $(APP_WEB)/package-lock.json
+	@if command -v npm >/dev/null; then cd $(APP_WEB) && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: kdflax app and tests/webapp_test.py need Node.js and npm"; fi
+
+web: $(APP_WEB)/node_modules/.package-lock.json
+
 venv: $(VENV)/.base-installed
 venv-full: $(VENV)/.full-installed
 
 demo: $(VENV)/.base-installed
 	$(VENV)/bin/kdflax demo --workdir runs/demo
 
-test: $(VENV)/.full-installed
+test: $(VENV)/.full-installed web
 	$(PY) -m pytest -n $(TEST_WORKERS) --timeout 900 --durations 15 $(PYTEST_ARGS)
 
 bench: $(VENV)/.full-installed

@@ -73,7 +73,12 @@ def models(tmp_path_factory):
 @pytest.fixture(scope='session')
 def app_dir(models, tmp_path_factory):
   out = tmp_path_factory.mktemp('webapp') / 'leaf_app'
-  build.build_app(models['fp32'], out, title='Bean leaf check', log=lambda _: None)
+  try:
+    build.build_app(models['fp32'], out, title='Bean leaf check', log=lambda _: None)
+  except build.AppError as e:
+    if 'npm' not in str(e) or os.environ.get('CI'):
+      raise
+    pytest.skip(str(e))  # no Node.js/npm here to install MediaPipe's files
   return out
 
 
