@@ -9,6 +9,11 @@
 restart resumes from the latest), `metrics.jsonl`, TensorBoard events, `model_best/` and
 `model_final/` model directories, and `results.json`. Any config key can be overridden with
 `--config.key=value`.
+
+One run per workdir: a second run on a workdir in use is refused (exit 4) naming the run that
+holds it; `--force_unlock` takes over a lock left on another host (docs/reliability.md).
+Ctrl-C or SIGTERM finishes the step under way, saves a checkpoint and exits 130 / 143 with one
+line naming the command that resumes.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ import json
 
 import ml_collections
 
-from kdflax.commands.common import parse_with_overrides, run_with_config
+from kdflax.commands.common import (
+    add_force_unlock,
+    parse_with_overrides,
+    run_with_config,
+    training_run,
+)
 from kdflax.train.checkpoint import resolve_model_dir
 
 
@@ -32,18 +42,22 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument('--teacher_workdir', default=None,
                         help='workdir of a `kdflax teacher` run (uses its model_best/), or a '
                              'model directory (from `kdflax convert`)')
+  add_force_unlock(parser)
   return parse_with_overrides(parser, argv[1:])
 
 
 def main(argv: list[str]) -> int:
-  return run_with_config(argv, parse_args, _run)
+  return run_with_config(argv, parse_args,
+                         lambda command, args, config: _run(argv, args, config))
 
 
-def _run(command: str, args: argparse.Namespace, config: ml_collections.ConfigDict) -> int:
-  """Runs stage `command` in `args.workdir`; prints its summary as JSON."""
+def _run(argv: list[str], args: argparse.Namespace, config: ml_collections.ConfigDict) -> int:
+  """Runs stage `argv[0]` in `args.workdir` (locked, see `training_run`); prints its summary
+  as JSON."""
   from kdflax.train.stages import run_stage
   teacher_dir = resolve_model_dir(getattr(args, 'teacher_workdir', None))
-  summary = run_stage(config, args.workdir, command, teacher_dir=teacher_dir)
+  with training_run(argv, args.workdir, config, args.force_unlock):
+    summary = run_stage(config, args.workdir, argv[0], teacher_dir=teacher_dir)
   print(json.dumps({k: summary[k] for k in ('stage', 'model', 'step', 'best', 'final',
                                            'model_dir') if k in summary}, indent=2))
   return 0

@@ -9,6 +9,9 @@ model, and what `distill --teacher`, `export` and `predict` read:
 
 Writes are atomic: everything goes into a sibling temp directory that is renamed into place,
 so a crash never leaves a half-written model at DIR.
+
+The training loop's own checkpoints (the whole `TrainState`, `WORKDIR/checkpoints/STEP`) are
+Orbax `CheckpointManager` steps: `checkpoint_manager`, `restore_latest`, `committed_steps`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -34,6 +38,11 @@ MODEL_JSON = 'model.json'
 BEST_MODEL_DIR = 'model_best'
 FINAL_MODEL_DIR = 'model_final'
 VARIABLES_DIR = 'variables'
+CHECKPOINT_DIR = 'checkpoints'  # the training loop's Orbax checkpoints, in a workdir
+
+
+class CheckpointRestoreError(RuntimeError):
+  """The checkpoint to resume from cannot be read; nothing was changed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,3 +184,54 @@ def resolve_model_dir(path: str | os.PathLike | None) -> str | None:
     return best
   raise FileNotFoundError(f'{path}: neither a model directory ({MODEL_JSON} + {VARIABLES_DIR}/) '
                           f'nor a training workdir with {BEST_MODEL_DIR}/ (train it first)')
+
+
+def committed_steps(workdir: str) -> list[int]:
+  """Steps of the checkpoints under `workdir/checkpoints` whose save completed (Orbax writes
+  `STEP.orbax-checkpoint-tmp` and renames it to `STEP` when the save commits)."""
+  folder = os.path.join(workdir, CHECKPOINT_DIR)
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+def root_cause(error: BaseException) -> str:
+  """The innermost `__cause__` of `error` on one line (TensorStore's own error says what is
+  wrong; Orbax wraps it). A TensorStore error that carries an OS error code is reduced to that
+  error (`No space left on device`), not its page-long store spec."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  if isinstance(error, OSError) and error.strerror:
+    return atomic.os_error_line(error)
+  text = ' '.join(str(error).split())
+  os_code = re.search(r"\[os_error_code='(\d+)'\]", text)
+  if os_code:
+    return os.strerror(int(os_code.group(1)))
+  return text[:240] or type(error).__name__
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """The Orbax manager of `workdir/checkpoints`, keeping the newest `keep` checkpoints."""
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: Any) -> Any:
+  """The latest saved state, or `state` itself when there is none.
+
+  Raises:
+    CheckpointRestoreError: the latest checkpoint cannot be read (truncated, corrupt, or from
+      another model); one line naming its folder and what to do.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many types
+    folder = os.path.join(str(manager.directory), str(step))
+    cause = root_cause(e)
+    raise CheckpointRestoreError(
+        f'{folder}: the checkpoint cannot be read ({cause}); move that folder away to resume '
+        'from the one before it, or use a new --workdir to start over') from None

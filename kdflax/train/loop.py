@@ -20,10 +20,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -35,12 +35,22 @@ from jax.sharding import Mesh
 
 from kdflax import atomic
 from kdflax.train import checkpoint as model_io
-from kdflax.train.checkpoint import BEST_MODEL_DIR, FINAL_MODEL_DIR, ModelInfo
+from kdflax.train import interrupt
+from kdflax.train.checkpoint import (  # noqa: F401 - CHECKPOINT_DIR ... are also loop's names
+    BEST_MODEL_DIR,
+    CHECKPOINT_DIR,
+    FINAL_MODEL_DIR,
+    CheckpointRestoreError,
+    ModelInfo,
+    checkpoint_manager,
+    committed_steps,
+    restore_latest,
+)
+from kdflax.train.checkpoint import root_cause as _root_cause
 from kdflax.train.metrics import MetricWriter, truncate_metrics
 from kdflax.train.state import TrainState
 from kdflax.train.step import batch_sharding
 
-CHECKPOINT_DIR = 'checkpoints'
 RESULTS_FILE = 'results.json'
 
 
@@ -48,35 +58,8 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
-class CheckpointRestoreError(RuntimeError):
-  """The checkpoint to resume from cannot be read; nothing was changed."""
-
-
 class CheckpointSaveError(RuntimeError):
   """An (asynchronous) checkpoint save failed, e.g. on a full disk; earlier ones are kept."""
-
-
-def committed_steps(workdir: str) -> list[int]:
-  """Steps of the checkpoints under `workdir/checkpoints` whose save completed (Orbax writes
-  `STEP.orbax-checkpoint-tmp` and renames it to `STEP` when the save commits)."""
-  folder = os.path.join(workdir, CHECKPOINT_DIR)
-  names = os.listdir(folder) if os.path.isdir(folder) else []
-  return sorted(int(name) for name in names if name.isdigit())
-
-
-def _root_cause(error: BaseException) -> str:
-  """The innermost `__cause__` of `error` on one line (TensorStore's own error says what is
-  wrong; Orbax wraps it). A TensorStore error that carries an OS error code is reduced to that
-  error (`No space left on device`), not its page-long store spec."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  if isinstance(error, OSError) and error.strerror:
-    return atomic.os_error_line(error)
-  text = ' '.join(str(error).split())
-  os_code = re.search(r"\[os_error_code='(\d+)'\]", text)
-  if os_code:
-    return os.strerror(int(os_code.group(1)))
-  return text[:240] or type(error).__name__
 
 
 def _save_failure(run: _Run, step: int, error: BaseException,
@@ -129,42 +112,11 @@ def evaluate(eval_step: Callable, variables: Any, batches: Iterable[Mapping[str,
           'loss': sums.get('loss', 0.0) / count, 'count': sums.get('count', 0.0)}
 
 
-def _is_finite(metrics: Mapping[str, float]) -> bool:
-  return all(math.isfinite(v) for v in metrics.values())
-
-
 def _progress(total: int, initial: int, enabled: bool):
   if not enabled:
     return None
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, leave=True)
-
-
-def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-
-def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
-  """The latest saved state, or `state` itself when there is none.
-
-  Raises:
-    CheckpointRestoreError: the latest checkpoint cannot be read (truncated, corrupt, or from
-      another model); one line naming its folder and what to do.
-  """
-  step = manager.latest_step()
-  if step is None:
-    return state
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except Exception as e:  # noqa: BLE001 - Orbax / TensorStore raise many types
-    folder = os.path.join(str(manager.directory), str(step))
-    cause = _root_cause(e)
-    raise CheckpointRestoreError(
-        f'{folder}: the checkpoint cannot be read ({cause}); move that folder away to resume '
-        'from the one before it, or use a new --workdir to start over') from None
 
 
 def _save_model(run: _Run, step: int, subdir: str, variables: Any, desc: ModelInfo) -> None:
@@ -195,6 +147,7 @@ class _Run:
   last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
   pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
   images: int = 0              # images trained on since `t_last`
+  at: int = 0                  # the last step trained
   t_last: float = dataclasses.field(default_factory=time.perf_counter)
   t_begin: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -244,7 +197,7 @@ def _log_train(run: _Run, step: int) -> None:
   host = [jax.device_get(m) for m in run.pending]
   run.pending = []
   mean = {f'train/{k}': float(np.mean([h[k] for h in host])) for k in host[0]}
-  if not _is_finite(mean):
+  if not all(math.isfinite(v) for v in mean.values()):
     good = run.manager.latest_step()
     kept = (f'the last good checkpoint (step {good}) is kept in '
             f'{os.path.join(run.workdir, CHECKPOINT_DIR)}' if good is not None else
@@ -295,7 +248,7 @@ def _save_checkpoint(run: _Run, step: int, state: TrainState) -> None:
     raise _save_failure(run, step, e) from None
   if jax.process_index() == 0:
     done = committed_steps(run.workdir)
-    _write_json(run.results_path, {'best': run.best, 'step': done[-1] if done else 0})
+    atomic.write_json(run.results_path, {'best': run.best, 'step': done[-1] if done else 0})
   run.manager.save(step, args=ocp.args.StandardSave(state))
 
 
@@ -316,6 +269,66 @@ def _close_run(run: _Run, failing: bool = False) -> None:
   run.writer.flush()
   if run.own_writer:
     run.writer.close()
+
+
+def _stop_here(run: _Run, step: int, state: TrainState) -> None:
+  """A signal stops the run after `step`: its checkpoint (unless the schedule just saved one,
+  after the NaN check), committed, and named in `results.json`."""
+  if not run.checkpoints_at(step):
+    if run.pending:
+      _log_train(run, step)
+    _save_checkpoint(run, step, state)
+  try:
+    run.manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise _save_failure(run, step, e) from None
+  if jax.process_index() == 0:
+    atomic.write_json(run.results_path, {'best': run.best, 'step': step})
+
+
+def _hard_exit_line(run: _Run, signum: int) -> str:
+  """What a second signal prints before the process exits at once."""
+  done = committed_steps(run.workdir)
+  kept = (f'the last committed checkpoint ({os.path.join(run.workdir, CHECKPOINT_DIR)}/'
+          f'{done[-1]}) is kept' if done else
+          'no checkpoint was committed (a re-run starts from step 0)')
+  return (f'second {interrupt.signal_name(signum)} while stopping after step {run.at}: '
+          f'stopped at once; {kept}; resume with: {interrupt.resume_command()}')
+
+
+def _train_steps(run: _Run, state: TrainState, train_step: Callable, eval_step: Callable,
+                 teacher_variables: Any,
+                 train_batches: Callable[[int], Iterator[Mapping[str, np.ndarray]]],
+                 eval_batches: Callable[[], Iterable[Mapping[str, np.ndarray]]], mesh: Mesh,
+                 model: ModelInfo) -> tuple[TrainState, int, tuple[int | None, bool]]:
+  """Steps `run.start + 1 .. run.end` (see `fit`); `(state, last step, (signal, by_peer))`,
+  the signal None unless one stopped the run after that step."""
+  step = run.at = run.start
+  try:
+    iterator = train_batches(run.start)
+    for step in range(run.start + 1, run.end + 1):
+      batch = next(iterator)
+      run.images += len(batch['label']) * jax.process_count()
+      state, metrics = train_step(state, teacher_variables, to_global(batch, mesh))
+      run.at = step
+      _check_saves(run, step)
+      run.pending.append(metrics)
+      if run.logs_at(step):
+        _log_train(run, step)
+      if run.evaluates_at(step):
+        _evaluate_and_keep_best(run, step, state, eval_step, eval_batches, mesh, model)
+      if run.checkpoints_at(step):
+        _save_checkpoint(run, step, state)
+      if run.bar is not None:
+        run.bar.update(1)
+      signum, by_peer = interrupt.should_stop(step)
+      if signum:
+        _stop_here(run, step, state)
+        return state, step, (signum, by_peer)
+  except BaseException:
+    _close_run(run, failing=True)
+    raise
+  return state, step, (None, False)
 
 
 def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_variables: Any,
@@ -348,29 +361,21 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_va
     NonFiniteLossError: the loss became NaN/Inf (nothing is saved from that point on).
     CheckpointSaveError: a checkpoint save failed (e.g. disk full); raised at the step after
       the failure shows, naming the last committed checkpoint.
+    TrainingInterrupted: SIGINT / SIGTERM (`kdflax.train.interrupt`): the step under way was
+      finished and checkpointed, and that checkpoint committed (a second signal exits the
+      process at once, leaving the committed checkpoints as they are).
   """
   run, state = _open_run(state, options, workdir, writer, log)
-  step = run.start
-  try:
-    iterator = train_batches(run.start)
-    for step in range(run.start + 1, run.end + 1):
-      batch = next(iterator)
-      run.images += len(batch['label']) * jax.process_count()
-      state, metrics = train_step(state, teacher_variables, to_global(batch, mesh))
-      _check_saves(run, step)
-      run.pending.append(metrics)
-      if run.logs_at(step):
-        _log_train(run, step)
-      if run.evaluates_at(step):
-        _evaluate_and_keep_best(run, step, state, eval_step, eval_batches, mesh, model)
-      if run.checkpoints_at(step):
-        _save_checkpoint(run, step, state)
-      if run.bar is not None:
-        run.bar.update(1)
-  except BaseException:
-    _close_run(run, failing=True)
-    raise
-  _close_run(run)
+  with interrupt.stop_on_signal(functools.partial(_hard_exit_line, run)):
+    state, step, (signum, by_peer) = _train_steps(
+        run, state, train_step, eval_step, teacher_variables, train_batches, eval_batches,
+        mesh, model)
+    _close_run(run)
+    signum = signum or interrupt.requested()  # a signal while the last save committed
+  if signum:
+    raise interrupt.TrainingInterrupted(
+        signum, step, options.total_steps, os.path.abspath(workdir),
+        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step)), by_peer)
 
   if step < options.total_steps:  # stopped early on purpose (stop_after)
     return {'step': step, 'best': run.best, 'final': run.last_eval, 'stopped_early': True}
@@ -381,7 +386,7 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, teacher_va
   summary = {'step': step, 'best': run.best, 'final': last_eval,
              'wall_seconds': round(time.perf_counter() - run.t_begin, 2)}
   if jax.process_index() == 0:
-    _write_json(run.results_path, summary)
+    atomic.write_json(run.results_path, summary)
   return summary
 
 
@@ -390,7 +395,3 @@ def _read_json(path: str) -> dict[str, Any]:
     return {}
   with open(path) as f:
     return json.load(f)
-
-
-def _write_json(path: str, obj: Mapping[str, Any]) -> None:
-  atomic.write_json(path, obj)
