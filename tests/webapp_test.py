@@ -14,11 +14,16 @@ once opened. Without Chromium the browser tests skip (fail under CI=true: .ci/ru
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -55,19 +60,33 @@ def _pixels(text: str, height: int, width: int) -> np.ndarray:
   return np.ascontiguousarray(rgba[..., :3])
 
 
-@pytest.fixture(scope='session')
-def models(tmp_path_factory):
-  """`{'fp32': labelled model, 'unlabelled': same weights without labels}` paths."""
+def _export_models(out: pathlib.Path) -> None:
   module, _ = create_model('mobilenetv3_small_050', num_classes=3, drop_rate=0.0)
   photos = leaf_images(SIZE, 'train', per_class=16)
   variables = train_briefly(module, photos, np.repeat(np.arange(3), 16))
-  out = tmp_path_factory.mktemp('webapp_models')
-  paths = {'fp32': out / 'leaf.tflite', 'unlabelled': out / 'unlabelled.tflite'}
-  for kind, path in paths.items():
-    tflite.export_tflite(module, variables, SIZE, path, 'fp32', calibration_images=photos,
-                         labels=LABELS if kind == 'fp32' else (),
+  for name, labels in (('leaf', LABELS), ('unlabelled', ())):
+    tflite.export_tflite(module, variables, SIZE, out / f'{name}.tflite', 'fp32',
+                         calibration_images=photos, labels=labels,
                          model_name='mobilenetv3_small_050')
-  return paths
+
+
+@pytest.fixture(scope='session')
+def models(tmp_path_factory):
+  """`{'fp32': labelled model, 'unlabelled': same weights without labels}` paths: a
+  MobileNetV3-Small 0.5 at 64 px trained for 60 steps (~20 s), exported once per test run
+  (the pytest-xdist workers share it, under a lock)."""
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    out = tmp_path_factory.getbasetemp().parent / 'webapp_models'
+    out.mkdir(exist_ok=True)
+    with open(out / '.lock', 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not (out / 'done').exists():
+        _export_models(out)
+        (out / 'done').touch()
+  else:
+    out = tmp_path_factory.mktemp('webapp_models')
+    _export_models(out)
+  return {'fp32': out / 'leaf.tflite', 'unlabelled': out / 'unlabelled.tflite'}
 
 
 @pytest.fixture(scope='session')
@@ -237,3 +256,26 @@ def test_the_command_refuses_what_the_page_cannot_run(models, app_dir, tmp_path,
   assert sorted(p.name for p in app_dir.iterdir()) == sorted(
       {f.split('/')[0] for f in build.PAGE_FILES + ('model.tflite', 'model.json', 'sw.js',
                                                     'manifest.webmanifest', 'mediapipe')})
+
+
+@pytest.mark.filterwarnings('ignore:os.fork')  # fork + exec at once (preexec_fn), no JAX
+def test_serve_prints_the_addresses_and_serves_wasm(app_dir):
+  """`kdflax app --serve` in its own process: the URL it prints serves the page and the WASM
+  with the MIME type browsers require; Ctrl-C stops it with exit status 0."""
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'kdflax.cli', 'app', '--out', str(app_dir), '--serve',
+       '--host', '127.0.0.1', '--port', '0'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  try:
+    assert proc.stdout.readline().startswith(f'serving {app_dir}')
+    url = proc.stdout.readline().strip()
+    assert url.startswith('http://127.0.0.1:')
+    with urllib.request.urlopen(url) as response:
+      assert b'<script type="module" src="app.js">' in response.read()
+    with urllib.request.urlopen(url + 'mediapipe/wasm/vision_wasm_internal.wasm') as response:
+      assert response.headers['Content-Type'] == 'application/wasm'
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+  finally:
+    proc.kill()
+    proc.wait()
