@@ -4,8 +4,11 @@
     module, size = create_model('swin_tiny_patch4_window7_224', num_classes=...)
     logits = module.apply(variables, images)       # images (B, size, size, 3) in [0, 1]
 
-A checkpoint is `.safetensors` (read with NumPy, no PyTorch needed) or `.pth`/`.pt`/`.bin`
-(read with `torch.load(weights_only=True)`; needs the `torch` extra). Wrappers such as
+A checkpoint is `.safetensors` or a `torch.save` file (`.pth`/`.pt`/`.bin`/`.ckpt`, zip or legacy
+format), both read with NumPy alone: no PyTorch needed. `torch.save` files go through
+`kdflax.convert.torch_pickle`, which never runs pickled code (any global outside its allow-list of
+tensor, storage and container names is refused); floating-point tensors come back as float32,
+as `tensor.float()` would give. Wrappers such as
 `{'state_dict': ...}`, `{'model': ...}` and DataParallel `module.` prefixes are unwrapped.
 
 The per-family key mapping lives in `kdflax/convert/{swin,mobilenetv3,vit}.py`; each exposes
@@ -31,6 +34,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from kdflax.convert import torch_pickle
 from kdflax.models import registry
 from kdflax.models.complexity import abstract_variables
 
@@ -45,20 +49,22 @@ class CheckpointError(ValueError):
   """A checkpoint cannot be read or does not fit the requested model."""
 
 
-def _read_torch(path: str) -> Mapping[str, Any]:
+def _read_torch(path: str) -> Any:
+  """A `torch.save` file as NumPy (no PyTorch), floating-point arrays as float32."""
   try:
-    import torch
-  except ImportError as e:
-    raise CheckpointError(
-        f'{path}: reading .pth/.bin checkpoints needs PyTorch '
-        "(pip install 'kdflax[torch]'), or convert it to .safetensors first") from e
-  try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # noqa: BLE001 - torch raises many unrelated types here.
-    raise CheckpointError(
-        f'{path}: not a PyTorch checkpoint torch.load(weights_only=True) can read '
-        f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
-  return obj
+    obj = torch_pickle.read_checkpoint(path)
+  except ValueError as e:  # TorchPickleError: one line naming the file
+    raise CheckpointError(str(e)) from None
+
+  def to_float32(value: Any) -> Any:
+    if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+      return value.astype(np.float32, copy=False)
+    if isinstance(value, dict):  # in place: keeps an OrderedDict's type and order
+      for key in list(value):
+        value[key] = to_float32(value[key])
+    return value
+
+  return to_float32(obj)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
