@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 
 import ml_collections
 
@@ -45,11 +47,22 @@ def main(argv: list[str]) -> int:
 def _build(command: str, args: argparse.Namespace,
            config: ml_collections.ConfigDict) -> int:
   """Builds the cache at `args.out`; prints its summary as JSON."""
+  from kdflax.train import interrupt
   from kdflax.train.checkpoint import resolve_model_dir
   from kdflax.train.teacher_cache.build import build_cache
-  manifest = build_cache(config, args.out, teacher_dir=resolve_model_dir(args.teacher_workdir),
-                         views=args.views, batch_size=args.batch_size,
-                         shard_images=args.shard_images)
+  from kdflax.train.teacher_cache.format import PARTIAL
+  try:  # SIGINT / SIGTERM: one line and exit 130 / 143 (`run_reporting_errors`)
+    with interrupt.handle_signals(command, ''):
+      manifest = build_cache(config, args.out,
+                             teacher_dir=resolve_model_dir(args.teacher_workdir),
+                             views=args.views, batch_size=args.batch_size,
+                             shard_images=args.shard_images)
+  except KeyboardInterrupt as e:
+    out = os.path.abspath(os.path.expanduser(args.out))
+    shutil.rmtree(f'{out}{PARTIAL}{os.getpid()}', ignore_errors=True)
+    e.detail = (f'{out} was not written (a build is all or nothing; its partial folder is '
+                'removed); build it again with the same command')
+    raise
   print(json.dumps({'out': args.out, 'images': manifest['num_images'],
                     'views': manifest['views'], 'arrays': manifest['arrays'],
                     'build_seconds': manifest['build_seconds']}, indent=2))

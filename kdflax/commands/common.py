@@ -9,6 +9,7 @@ import contextlib
 import gc
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Iterator
 
@@ -66,19 +67,23 @@ def training_run(argv: list[str], workdir: str,
       workdir_lock.release(workdir, record)
 
 
-def interrupted_line(error: BaseException) -> str:
-  """The one line of a run stopped by a signal (`Interrupted` / `TrainingInterrupted`)."""
+def interrupted_line(error: KeyboardInterrupt) -> str:
+  """The one line of a run stopped by a signal (`Interrupted`, `TrainingInterrupted`, or a
+  plain KeyboardInterrupt: SIGINT where no handler was installed)."""
   from kdflax.train import interrupt
+  name = interrupt.signal_name(getattr(error, 'signum', signal.SIGINT))
   resume = getattr(error, 'resume', '') or shlex.join(['kdflax', *sys.argv[1:]])
+  if getattr(error, 'detail', ''):
+    return f'stopped by {name}; {error.detail}'
   if not isinstance(error, interrupt.TrainingInterrupted):
-    return (f'stopped by {interrupt.signal_name(error.signum)} outside a training step '
-            f'(nothing to save; what was committed is kept); to continue: {resume}')
+    return (f'stopped by {name} outside a training step (nothing to save; what was '
+            f'committed is kept); to continue: {resume}')
   top = getattr(error, 'top_workdir', '')
   stage = os.path.relpath(error.workdir, top) if top else error.workdir
   stage = error.workdir if stage.startswith('..') else stage
   stage = getattr(error, 'command', '') if stage == '.' else stage
   why = ('with the other processes on a preemption notice (SIGTERM)' if error.by_peer else
-         f'by {interrupt.signal_name(error.signum)}')
+         f'by {name}')
   return (f'stopped {why} at step {error.step} of {error.total_steps} (stage {stage}); '
           f'checkpoint {error.checkpoint} committed; resume with: {resume}')
 
@@ -121,8 +126,9 @@ def run_reporting_errors(command: str, fn: Callable[[], int]) -> int:
   from kdflax.train.workdir_lock import WorkdirLockedError
   try:
     return fn()
-  except Interrupted as e:
-    code, line = e.exit_code, interrupted_line(e)
+  except KeyboardInterrupt as e:  # `Interrupted` too
+    code = e.exit_code if isinstance(e, Interrupted) else 130
+    line = interrupted_line(e)
   except WorkdirLockedError as e:
     code, line = 4, str(e)
   except (ConfigError, StageError, FileNotFoundError, ValueError, CorruptImageError,

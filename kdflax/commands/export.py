@@ -159,8 +159,14 @@ def main(argv: list[str]) -> int:
     _validate(parser, args)
   except SystemExit as e:
     return int(e.code or 0)
+  from kdflax.train import interrupt
   try:
-    return _run(args, overrides)
+    with interrupt.handle_signals('export', ''):
+      return _run(args, overrides)
+  except interrupt.Interrupted as e:
+    print(f'kdflax export: stopped by {interrupt.signal_name(e.signum)}; the .tflite under way '
+          'was not written (each file is written whole or not at all)', file=sys.stderr)
+    return e.exit_code
   except (ValueError, FileNotFoundError, RuntimeError) as e:
     hint = ''
     if args.model and 'parity FAILED' in str(e):

@@ -24,7 +24,12 @@ from __future__ import annotations
 
 import argparse
 
-from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.commands.common import (
+    add_force_unlock,
+    parse_with_overrides,
+    run_reporting_errors,
+    training_run,
+)
 from kdflax.config import load_config, save_config
 from kdflax.pipeline.matrix import METHODS, run_matrix
 
@@ -44,13 +49,15 @@ def main(argv: list[str]) -> int:
   parser.add_argument('--methods', default=','.join(METHODS),
                       help=f'comma-separated, of: {", ".join(METHODS)}')
   parser.add_argument('--seeds', type=_int_list, default=[0, 1, 2])
+  add_force_unlock(parser)
   args, rest = parse_with_overrides(parser, argv[1:])
 
   def run() -> int:
     config = load_config(args.config, rest)
-    save_config(config, args.workdir)
-    methods = [m.strip() for m in args.methods.split(',') if m.strip()]
-    run_matrix(config, args.workdir, methods, args.seeds)
+    with training_run(argv, args.workdir, config, args.force_unlock):
+      save_config(config, args.workdir)
+      methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+      run_matrix(config, args.workdir, methods, args.seeds)
     return 0
 
   return run_reporting_errors('matrix', run)

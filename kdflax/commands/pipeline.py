@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import argparse
 
-from kdflax.commands.common import parse_with_overrides, run_reporting_errors
+from kdflax.commands.common import (
+    add_force_unlock,
+    parse_with_overrides,
+    run_reporting_errors,
+    training_run,
+)
 from kdflax.config import load_config, save_config
 
 
@@ -22,13 +27,15 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog='kdflax pipeline', description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True)
   parser.add_argument('--workdir', required=True)
+  add_force_unlock(parser)
   args, rest = parse_with_overrides(parser, argv[1:])
 
   def run() -> int:
     from kdflax.pipeline.run import run_pipeline
     config = load_config(args.config, rest)
-    save_config(config, args.workdir)
-    run_pipeline(config, args.workdir)
+    with training_run(argv, args.workdir, config, args.force_unlock):
+      save_config(config, args.workdir)
+      run_pipeline(config, args.workdir)
     return 0
 
   return run_reporting_errors('pipeline', run)

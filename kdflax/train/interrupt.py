@@ -39,7 +39,13 @@ def signal_name(signum: int) -> str:
 
 
 class Interrupted(KeyboardInterrupt):
-  """SIGINT or SIGTERM stopped a command outside a training step (nothing was saved)."""
+  """SIGINT or SIGTERM stopped a command outside a training step (nothing was saved).
+
+  The command that catches it may fill in what its one line says: `command`, `resume` (the
+  command line that continues), `top_workdir` (its `--workdir`), `detail` (what was left).
+  """
+
+  command = resume = top_workdir = detail = ''
 
   def __init__(self, signum: int):
     super().__init__(signal_name(signum))

@@ -12,7 +12,10 @@ on local disks and NFS) and removed when the run ends, also on an error or a sig
 - left by a dead process on this host (pid gone, or reused by another process, or a boot
   since): taken over, with one line on stderr saying so;
 - held by another host (a workdir on Drive, NFS): refused, naming `--force_unlock` (this host
-  cannot tell whether that run is alive); `force=True` takes it over;
+  cannot tell whether that run is alive), unless the lock has had no heartbeat for
+  `STALE_AFTER_S` (the holder touches the file every `HEARTBEAT_S` from a thread of its own,
+  also while it compiles or evaluates): then it is taken over with one line, as after a
+  preempted Colab runtime, whose successor has another host name; `force=True` takes it;
 - a workdir inside another run's locked workdir (a stage folder of a running pipeline) is
   refused the same way;
 - a workdir on a read-only file system is not locked (nothing can be written to it anyway;
@@ -27,6 +30,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +39,9 @@ from typing import Any
 LOCK_FILE = 'kdflax.lock'
 # A lock file that is still empty or not JSON after this long is a crashed write.
 UNREADABLE_GRACE_S = 30.0
+HEARTBEAT_S = 30.0       # the holder touches its lock file this often
+STALE_AFTER_S = 300.0    # another host's lock without a heartbeat for this long is taken over
+_heartbeats: dict[str, threading.Event] = {}   # token -> stops that lock's heartbeat
 
 
 class WorkdirLockedError(RuntimeError):
@@ -63,10 +70,18 @@ def _describe(holder: dict[str, Any]) -> str:
           f'({holder.get("command")})')
 
 
-def _holder_state(holder: dict[str, Any]) -> str:
-  """'live', 'dead' (same host, gone) or 'elsewhere' (another host)."""
+def _age(path: str) -> float:
+  """Seconds since the last heartbeat of lock file `path` (its mtime)."""
+  try:
+    return time.time() - os.path.getmtime(path)
+  except OSError:
+    return 0.0
+
+
+def _holder_state(holder: dict[str, Any], path: str) -> str:
+  """'live', 'dead' (same host, gone; another host, no heartbeat) or 'elsewhere'."""
   if holder.get('host') != socket.gethostname():
-    return 'elsewhere'
+    return 'dead' if _age(path) > STALE_AFTER_S else 'elsewhere'
   if holder.get('boot_id') and holder['boot_id'] != _boot_id():
     return 'dead'
   pid = int(holder.get('pid', -1))
@@ -102,8 +117,10 @@ def _refusal(path: str, holder: dict[str, Any], state: str, inside: str = '') ->
   if state == 'live':
     return (f'{where}: {_describe(holder)}; wait for it to end or stop it (Ctrl-C saves a '
             'checkpoint and exits), or use another --workdir')
-  return (f'{where}: {_describe(holder)}, another host, which this one cannot check; if that '
-          'run is gone (a recycled Colab runtime, a lost machine), re-run with --force_unlock')
+  return (f'{where}: {_describe(holder)}, another host, which this one cannot check (last '
+          f'heartbeat {_age(path):.0f} s ago; taken over after {STALE_AFTER_S:.0f} s without '
+          'one); if that run is gone (a recycled Colab runtime, a lost machine), re-run with '
+          '--force_unlock')
 
 
 def _check_ancestors(workdir: str, force: bool) -> None:
@@ -112,7 +129,7 @@ def _check_ancestors(workdir: str, force: bool) -> None:
   while not force and parent and parent != os.path.dirname(parent):
     holder = read_lock(os.path.join(parent, LOCK_FILE))
     if holder:
-      state = _holder_state(holder)
+      state = _holder_state(holder, os.path.join(parent, LOCK_FILE))
       if state != 'dead':
         raise WorkdirLockedError(_refusal(os.path.join(parent, LOCK_FILE), holder, state,
                                           inside=workdir))
@@ -161,6 +178,7 @@ def acquire(workdir: str, command: str, force: bool = False,
   for _ in range(5):
     try:
       if _create(path, record):
+        _start_heartbeat(path, record['token'])
         return record
     except OSError as e:
       if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -176,21 +194,37 @@ def acquire(workdir: str, command: str, force: bool = False,
                                  f'({path} is being written); try again in a minute')
       why = 'an unreadable lock file'
     else:
-      state = _holder_state(holder)
+      state = _holder_state(holder, path)
       if state != 'dead' and not force:
         raise WorkdirLockedError(_refusal(path, holder, state))
-      why = (f'the lock of {_describe(holder)}' +
-             (', no longer running' if state == 'dead' else ' (--force_unlock)'))
+      gone = (', no longer running' if holder.get('host') == socket.gethostname() else
+              f', no heartbeat for {_age(path) / 60:.0f} min')
+      why = f'the lock of {_describe(holder)}' + (gone if state == 'dead' else ' (--force_unlock)')
     with contextlib.suppress(FileNotFoundError):
       os.remove(path)
     note(f'{workdir}: took over {why}')
   raise WorkdirLockedError(f'{workdir}: could not take {path} (other runs keep taking it)')
 
 
+def _start_heartbeat(path: str, token: str) -> None:
+  """Touches `path` every HEARTBEAT_S until `release` (a daemon thread: it dies with us)."""
+  stop = _heartbeats[token] = threading.Event()
+
+  def beat() -> None:
+    while not stop.wait(HEARTBEAT_S):
+      with contextlib.suppress(OSError):
+        os.utime(path)
+
+  threading.Thread(target=beat, name='kdflax-lock-heartbeat', daemon=True).start()
+
+
 def release(workdir: str, record: dict[str, Any] | None) -> None:
   """Removes the lock of `workdir` if `record` (from `acquire`) still holds it."""
   if record is None:
     return
+  stop = _heartbeats.pop(record['token'], None)
+  if stop is not None:
+    stop.set()
   path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
   holder = read_lock(path)
   if holder and holder.get('token') == record['token']:
