@@ -63,10 +63,23 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
     unexpected rank are passed through untransposed so the caller reports their shape.
   """
   del module  # the key layout alone determines the mapping
+  return map_layers(state_dict, _LAYER)
+
+
+def map_layers(state_dict: Mapping[str, np.ndarray],
+               layer: re.Pattern) -> tuple[dict[str, np.ndarray], list[str]]:
+  """timm conv / BN / Linear tensors -> flat Flax paths, for keys that `layer` matches.
+
+  `layer` has groups `module` (a dotted timm module path; `blocks.i.j.` becomes
+  `blocks_i_j/`) and `leaf` (weight, bias, running_mean, running_var). Modules whose last
+  name starts with 'bn' are BatchNorms. Returns `(flat_variables, unused_keys)` as
+  `convert_state_dict` does; the timm-style CNN families (MobileNetV3, EfficientNet-Lite)
+  share it.
+  """
   out: dict[str, np.ndarray] = {}
   unused: list[str] = []
   for key, value in state_dict.items():
-    match = _LAYER.match(key)
+    match = layer.match(key)
     if match is None:
       unused.append(key)
       continue

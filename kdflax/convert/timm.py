@@ -11,7 +11,8 @@ tensor, storage and container names is refused); floating-point tensors come bac
 as `tensor.float()` would give. Wrappers such as
 `{'state_dict': ...}`, `{'model': ...}` and DataParallel `module.` prefixes are unwrapped.
 
-The per-family key mapping lives in `kdflax/convert/{swin,mobilenetv3,vit}.py`; each exposes
+The per-family key mapping lives in `kdflax/convert/{swin,mobilenetv3,vit,efficientnet_lite}.py`;
+each exposes
 
     num_classes(state_dict) -> int | None
     convert_state_dict(state_dict, module) -> (flat_variables, unused_keys)
@@ -42,7 +43,7 @@ from kdflax.models.complexity import abstract_variables
 IGNORED_SUFFIXES = ('num_batches_tracked', 'relative_position_index', 'attn_mask')
 _WRAPPER_KEYS = ('state_dict', 'model', 'model_state', 'module', 'state_dict_ema', 'model_ema')
 _MAX_LISTED = 20
-_FAMILIES = ('swin', 'mobilenetv3', 'vit')
+_FAMILIES = ('swin', 'mobilenetv3', 'vit', 'efficientnet_lite')
 
 
 class CheckpointError(ValueError):

@@ -71,7 +71,7 @@ HEAD_FEATURES = {'large': 1280, 'small': 1024}
 STEM_FEATURES = 16
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'relu': nn.relu, 'hard_swish': jax.nn.hard_swish}
+    'relu': nn.relu, 'relu6': jax.nn.relu6, 'hard_swish': jax.nn.hard_swish}
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
@@ -91,7 +91,7 @@ class BlockConfig:
     in_chs, mid_chs, out_chs: input, expanded (depthwise) and output channels.
     se_chs: SE bottleneck width, 0 without SE.
     kernel, stride: of the depthwise conv ('ds'/'ir') or of the conv ('cn').
-    act: 'relu' or 'hard_swish'.
+    act: 'relu', 'relu6' (EfficientNet-Lite) or 'hard_swish'.
     has_skip: residual connection (stride 1, in == out, not 'cn').
     drop_path: stochastic-depth rate of this block relative to `drop_path_rate`
       (timm: block index / number of blocks).
@@ -172,8 +172,8 @@ class _Layers:
     """`kind` activation of a convolution's output (quantised as the int8 graph computes it)."""
     if not self.quantize:
       return _ACTIVATIONS[kind](x)
-    if kind == 'relu':  # fused into the convolution: one int8 tensor after the ReLU
-      return self.q(nn.relu(x), name)
+    if kind in ('relu', 'relu6'):  # fused into the convolution: one int8 tensor after it
+      return self.q(_ACTIVATIONS[kind](x), name)
     # hard-swish at int8: x * relu6(x + 3), the 1/6 folded into the next op's scale
     x, gate = self.hard_gate(x, f'{name}_in', f'{name}_gate')
     return self.q(x * gate / 6.0, name)

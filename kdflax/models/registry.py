@@ -26,7 +26,8 @@ class ModelSpec:
   """How to build one named preset.
 
   Attributes:
-    family: module under `kdflax.models` that defines the class (`swin`, `mobilenetv3`, `vit`).
+    family: module under `kdflax.models` that defines the class (`swin`, `mobilenetv3`, `vit`,
+      `efficientnet_lite`).
     cls_name: the `nn.Module` class in that module.
     image_size: default square input resolution.
     kwargs: constructor arguments of the preset (besides `num_classes`).
@@ -46,6 +47,11 @@ def _swin(image_size: int, embed_dim: int, depths, num_heads, window_size: int) 
 
 def _mnv3(variant: str, width: float) -> ModelSpec:
   return ModelSpec('mobilenetv3', 'MobileNetV3', 224, dict(variant=variant, width_mult=width))
+
+
+def _efficientnet_lite(variant: str, image_size: int, drop_rate: float) -> ModelSpec:
+  return ModelSpec('efficientnet_lite', 'EfficientNetLite', image_size,
+                   dict(variant=variant, drop_rate=drop_rate))
 
 
 def _vit(image_size: int, embed_dim: int, depth: int, num_heads: int, patch_size: int = 16,
@@ -76,6 +82,10 @@ for _variant in ('large', 'small'):
   for _width in (0.5, 0.75, 1.0):
     MODELS[f'mobilenetv3_{_variant}_{int(_width * 100):03d}'] = _mnv3(_variant, _width)
 
+# Resolution and dropout of each variant (`kdflax.models.efficientnet_lite.VARIANTS`).
+for _n, (_res, _drop) in enumerate(((224, 0.2), (240, 0.2), (260, 0.3), (280, 0.3), (300, 0.3))):
+  MODELS[f'efficientnet_lite{_n}'] = _efficientnet_lite(f'lite{_n}', _res, _drop)
+
 for _size, (_dim, _depth, _heads) in _VIT_SIZES.items():
   MODELS[f'vit_{_size}_patch16_224'] = _vit(224, _dim, _depth, _heads, inception_norm=True)
   MODELS[f'deit_{_size}_patch16_224'] = _vit(224, _dim, _depth, _heads)
@@ -96,7 +106,7 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def model_family(name: str) -> str:
-  """`swin`, `mobilenetv3` or `vit` for a registered name."""
+  """`swin`, `mobilenetv3`, `vit` or `efficientnet_lite` for a registered name."""
   return model_spec(name).family
 
 
@@ -118,7 +128,9 @@ def create_model(name: str, num_classes: int, **overrides: Any) -> tuple[nn.Modu
     raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
   family = importlib.import_module(f'kdflax.models.{spec.family}')
   cls = getattr(family, spec.cls_name)
-  kwargs = {**spec.kwargs, **overrides}
+  # JSON (model.json) and flag overrides give lists where the modules declare tuples.
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in {**spec.kwargs, **overrides}.items()}
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(kwargs) - known)
   if unknown:

@@ -42,8 +42,11 @@ class Reference:
 def timm_reference(tmp_path: pathlib.Path, model: str, num_classes: int, image_size: int,
                    hooks: tuple[str, ...] | list[str] = (), kwargs: dict | None = None,
                    batch: int = 2, seed: int = 0, hf_swin: bool = False,
-                   calibrate_bn: bool = False) -> Reference:
-  """Creates, runs and saves a timm model (or, with `hf_swin`, an HF transformers Swin)."""
+                   calibrate_bn: bool = False, extra_args: list[str] = ()) -> Reference:
+  """Creates, runs and saves a timm model (or, with `hf_swin`, an HF transformers Swin).
+
+  `extra_args`: more flags of the reference process (`--weights_by_order`, `--mean_std`).
+  """
   out = pathlib.Path(tmp_path) / f'ref_{model}_{seed}'
   out.mkdir(parents=True, exist_ok=True)
   args = ['--model', model, '--num_classes', str(num_classes),
@@ -53,6 +56,7 @@ def timm_reference(tmp_path: pathlib.Path, model: str, num_classes: int, image_s
     args.append('--hf_swin')
   if calibrate_bn:
     args.append('--calibrate_bn')
+  args += list(extra_args)
   from helpers.torch_child import run_torch_child
   run_torch_child(__file__, args, 'timm reference')
   data = np.load(out / 'reference.npz')
@@ -110,6 +114,11 @@ def _main() -> None:
   parser.add_argument('--hooks', nargs='*', default=[])
   parser.add_argument('--hf_swin', action='store_true')
   parser.add_argument('--calibrate_bn', action='store_true')
+  parser.add_argument('--weights_by_order', default='',
+                      help='a .pth state dict copied into the model tensor by tensor, in order '
+                           '(other names, same shapes), instead of random weights')
+  parser.add_argument('--mean_std', type=float, nargs=2, default=None,
+                      help='one input mean and std for all channels instead of the cfg ones')
   args = parser.parse_args()
 
   import torch
@@ -127,7 +136,15 @@ def _main() -> None:
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes,
                               **kwargs).eval()
     mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
-  _randomise_buffers(model, generator)
+  if args.weights_by_order:
+    loaded = torch.load(args.weights_by_order, map_location='cpu', weights_only=True)
+    names = list(model.state_dict())
+    assert len(names) == len(loaded), (len(names), len(loaded))
+    model.load_state_dict(dict(zip(names, loaded.values(), strict=True)))
+  else:
+    _randomise_buffers(model, generator)
+  if args.mean_std:
+    mean, std = (args.mean_std[0],) * 3, (args.mean_std[1],) * 3
 
   captured = {}
   named = dict(model.named_modules())
