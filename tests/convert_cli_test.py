@@ -41,7 +41,12 @@ def test_convert_writes_a_model_dir_that_reproduces_timm(reference, tmp_path):
   assert info.labels == ('angular_leaf_spot', 'bean_rust', 'healthy')
   module, _ = create_model(NAME, 3)
   logits = module.apply(variables, reference.image)
-  np.testing.assert_allclose(logits, reference.logits, rtol=1e-4, atol=1e-4)
+  # 1e-4 of the logits' scale: a random net whose BatchNorm statistics come from one 64 px
+  # image reaches logits of ~20, where float32 convolution order (XLA vs PyTorch, and the
+  # CPU's vector width) alone moves them by up to 5.3e-4 (measured on an Intel Xeon). Parity
+  # proper is mobilenetv3_convert_test; this test's exact check is the array equality below.
+  scale = max(1.0, float(np.abs(reference.logits).max()))
+  np.testing.assert_allclose(logits, reference.logits, rtol=0, atol=1e-4 * scale)
   direct = load_timm_checkpoint(NAME, reference.checkpoint)
   for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(variables), strict=True):
     np.testing.assert_array_equal(a, b)

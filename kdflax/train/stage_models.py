@@ -23,6 +23,7 @@ from flax import traverse_util
 from kdflax.models import complexity, quant, registry
 from kdflax.models.init import init_variables
 from kdflax.train import checkpoint as model_io
+from kdflax.train import pretrained
 
 
 class StageError(ValueError):
@@ -39,12 +40,33 @@ class TrainedModel:
   init_checkpoint: str
 
 
+# Overrides a model inherits from its init checkpoint unless the config sets them: the
+# input normalisation the initial weights were trained with.
+INHERITED_OVERRIDES = ('mean', 'std')
+
+
 def trained_model(config: ml_collections.ConfigDict, stage: str) -> TrainedModel:
-  """The model `stage` trains (the teacher for 'teacher', else the student)."""
+  """The model `stage` trains (the teacher for 'teacher', else the student).
+
+  A `pretrained:<model>` init checkpoint is resolved to its cached model directory
+  (`kdflax.train.pretrained`, converted on first use); the init directory's input
+  normalisation (`mean`, `std` overrides) carries over unless the config sets its own.
+  """
   section = config.teacher if stage == 'teacher' else config.model
-  _, default_size = registry.create_model(section.name, 1, **dict(section.overrides))
-  return TrainedModel(section.name, dict(section.overrides),
-                      int(section.image_size or default_size), section.init_checkpoint)
+  overrides = dict(section.overrides)
+  init_dir = section.init_checkpoint
+  if init_dir:
+    try:
+      init_dir = pretrained.resolve_model_dir(init_dir)
+      info = model_io.read_model_info(init_dir)
+    except (ValueError, FileNotFoundError) as e:
+      raise StageError(f'{stage}: init_checkpoint: {e}') from None
+    if info.model == section.name:
+      overrides = {**{k: tuple(v) for k, v in info.overrides.items()
+                      if k in INHERITED_OVERRIDES}, **overrides}
+  _, default_size = registry.create_model(section.name, 1, **overrides)
+  return TrainedModel(section.name, overrides, int(section.image_size or default_size),
+                      init_dir)
 
 
 def init_trained_model(trained: TrainedModel, num_classes: int, dtype: Any, key: jax.Array,
