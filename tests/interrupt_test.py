@@ -263,3 +263,54 @@ def test_other_host_lock_through_the_cli(tmp_path, capsys):
                          'colab-runtime-1 since earlier'), line
   assert line.endswith('re-run with --force_unlock'), line
   assert files(workdir) == before
+
+
+def _signal_self(signum: int):
+  """A stand-in for a long piece of work that is signalled while it runs."""
+  def work(*args, **kwargs):
+    os.kill(os.getpid(), signum)
+    time.sleep(30)  # the handler raises before this ends
+    raise AssertionError('the signal did not stop the work')
+  return work
+
+
+def test_cache_teacher_and_export_stop_with_one_line(tmp_path, monkeypatch, capsys):
+  """Outside a training loop a signal stops the command at once: one line, 130 / 143; the
+  cache build's partial folder is removed."""
+  from kdflax.commands import export
+  from kdflax.train.teacher_cache import build
+
+  handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+  out = tmp_path / 'cache'
+  partial = pathlib.Path(f'{out}.partial-{os.getpid()}')
+
+  def build_cache(config, directory, **kwargs):
+    partial.mkdir()
+    _signal_self(signal.SIGINT)()
+
+  monkeypatch.setattr(build, 'build_cache', build_cache)
+  code = cli.main(['cache-teacher', '--config', CONFIG, '--out', str(out), DATA])
+  (line,) = [x for x in capsys.readouterr().err.splitlines() if x]
+  assert code == 130 and line == (f'kdflax cache-teacher: stopped by SIGINT; {out} was not '
+                                  'written (a build is all or nothing; its partial folder is '
+                                  'removed); build it again with the same command'), line
+  assert not partial.exists() and not out.exists()
+
+  monkeypatch.setattr(export, '_run', _signal_self(signal.SIGTERM))
+  code = cli.main(['export', '--model', 'mobilenetv3_small_050', '--num_classes', '3',
+                   '--out', str(tmp_path / 'm.tflite')])
+  (line,) = [x for x in capsys.readouterr().err.splitlines() if x]
+  assert code == 143 and line == ('kdflax export: stopped by SIGTERM; the .tflite under way was '
+                                  'not written (each file is written whole or not at all)'), line
+  assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+
+
+def test_a_pipeline_stage_is_named_by_its_folder(tmp_path):
+  from kdflax.commands.common import interrupted_line
+  from kdflax.train.interrupt import TrainingInterrupted
+  error = TrainingInterrupted(signal.SIGTERM, 30, 100, str(tmp_path / 'distill'),
+                              str(tmp_path / 'distill' / 'checkpoints' / '30'))
+  error.command, error.resume, error.top_workdir = 'pipeline', 'kdflax pipeline ...', str(tmp_path)
+  assert interrupted_line(error) == (
+      f'stopped by SIGTERM at step 30 of 100 (stage distill); checkpoint {tmp_path}/distill/'
+      'checkpoints/30 committed; resume with: kdflax pipeline ...')

@@ -52,7 +52,7 @@ def training_run(argv: list[str], workdir: str,
   resume = shlex.join(['kdflax', *[a for a in argv if a != '--force_unlock']])
   dist = config.distributed if config is not None else None
   takes_lock = dist is None or int(dist.num_processes) <= 1 or int(dist.process_id) == 0
-  with interrupt.handle_signals(command, resume, workdir):
+  with interrupt.handle_signals(command, resume):
     record = (workdir_lock.acquire(workdir, resume, force_unlock,
                                    lambda line: print(f'kdflax {command}: {line}',
                                                       file=sys.stderr, flush=True))

@@ -2,7 +2,7 @@
 
 Two modes, both entered from the main thread only (elsewhere signals are left as they are):
 
-- `handle_signals(command, resume, workdir)` (a command's whole run, `kdflax.commands.common`):
+- `handle_signals(command, resume)` (a command's whole run, `kdflax.commands.common`):
   a signal raises `Interrupted` where the main thread is, so a command stopped outside training
   (building data, exporting, evaluating) ends with one line, not a traceback.
 - `stop_on_signal(hard_exit_line)` (the training loop, `kdflax.train.loop.fit`): a first
@@ -64,6 +64,8 @@ class TrainingInterrupted(Interrupted):
     super().__init__(signum)
     self.step, self.total_steps, self.workdir = step, total_steps, workdir
     self.checkpoint, self.by_peer = checkpoint, by_peer
+    self.args = (f'stopped by {signal_name(signum)} at step {step} of {total_steps}; '
+                 f'checkpoint {checkpoint} committed',)
 
 
 @dataclasses.dataclass
@@ -77,7 +79,6 @@ class _State:
   on_hard_exit: list[Callable[[], None]] = dataclasses.field(default_factory=list)
   command: str = ''
   resume: str = ''
-  workdir: str = ''
 
 
 _state = _State()
@@ -117,10 +118,6 @@ def resume_command() -> str:
   return _state.resume or shlex.join(['kdflax', *sys.argv[1:]])
 
 
-def command_workdir() -> str:
-  return _state.workdir
-
-
 def _main_thread() -> bool:
   return threading.current_thread() is threading.main_thread()
 
@@ -136,16 +133,15 @@ def _installed(signums: tuple[int, ...]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def handle_signals(command: str, resume: str, workdir: str = '') -> Iterator[None]:
+def handle_signals(command: str, resume: str) -> Iterator[None]:
   """A command's run: SIGINT / SIGTERM raise `Interrupted` (see the module docstring).
 
   Args:
     command: the command's name (`student`, `pipeline`), for `kdflax COMMAND: ` lines.
-    resume: the command line that resumes the run.
-    workdir: the command's `--workdir` (a stage's name is its path below it).
+    resume: the command line that resumes the run ('': the process's own command line).
   """
-  saved = (_state.command, _state.resume, _state.workdir, _state.on_hard_exit)
-  _state.command, _state.resume, _state.workdir = command, resume, os.path.abspath(workdir)
+  saved = (_state.command, _state.resume, _state.on_hard_exit)
+  _state.command, _state.resume = command, resume
   _state.on_hard_exit = list(_state.on_hard_exit)
   try:
     if _main_thread():
@@ -154,7 +150,7 @@ def handle_signals(command: str, resume: str, workdir: str = '') -> Iterator[Non
     else:
       yield
   finally:
-    _state.command, _state.resume, _state.workdir, _state.on_hard_exit = saved
+    _state.command, _state.resume, _state.on_hard_exit = saved
 
 
 def on_hard_exit(callback: Callable[[], None]) -> None:
