@@ -89,6 +89,9 @@ def _handler(signum: int, frame) -> None:  # noqa: ARG001 - the signal module's 
     raise Interrupted(signum)
   if _state.requested is None:
     _state.requested = signum
+    with contextlib.suppress(Exception):  # on stdout: stderr gets the one closing line
+      print(f'{signal_name(signum)}: the step under way finishes and is saved, then the run '
+            'stops (a second signal stops it at once)', flush=True)
     if _state.multihost and signum != signal.SIGTERM and _sync_manager() is not None:
       os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier (C++ handler)
     return
