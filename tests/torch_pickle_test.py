@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from kdflax.convert import torch_pickle
+from kdflax.convert import torch_pickle, torch_pickle_globals
 from kdflax.convert.torch_pickle import MAGIC_NUMBER, PROTOCOL_VERSION, TorchPickleError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,8 +245,8 @@ def test_the_pickle_cannot_set_attributes_of_allowed_objects(tmp_path, target, a
     archive.writestr('build/data.pkl', data_pkl)
   _assert_one_line_error(path, 'sets the state of')
   # Nothing changed for the next file.
-  assert torch_pickle._ALLOWED[('torch', 'float32')].name == 'float32'
-  assert torch_pickle._rebuild_tensor_v2.__defaults__ == (False, None, None)
+  assert torch_pickle_globals._ALLOWED[('torch', 'float32')].name == 'float32'
+  assert torch_pickle_globals._rebuild_tensor_v2.__defaults__ == (False, None, None)
 
 
 @pytest.mark.parametrize('fmt', ['zip', 'legacy'])
