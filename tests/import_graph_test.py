@@ -8,7 +8,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1] / 'kdflax'
 # Lowest first: a package may import only packages of a lower or equal rank.
 LAYERS = {
-    'atomic': 0,
+    'atomic': 0, 'cache_dir': 0,
     'data': 1,
     'models': 2,
     'convert': 3, 'distill': 3,

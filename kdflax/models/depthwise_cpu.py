@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdflax.cache_dir import cache_dir as kdflax_cache_dir
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'depthwise_cpu.cc')
 TARGETS = {  # FFI target name -> exported handler symbol
     'kdflax_depthwise_forward': 'KdflaxDepthwiseForward',
@@ -49,9 +51,7 @@ class KernelBuildError(RuntimeError):
 
 def cache_dir() -> str:
   """Folder the compiled kernels go to: `$KDFLAX_CACHE_DIR/kernels` or `~/.cache/kdflax/kernels`."""
-  root = os.environ.get('KDFLAX_CACHE_DIR') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'kdflax')
-  return os.path.join(root, 'kernels')
+  return kdflax_cache_dir('kernels')
 
 
 def compiler() -> str | None:

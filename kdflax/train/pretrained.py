@@ -18,6 +18,7 @@ import shutil
 import tempfile
 
 from kdflax import atomic
+from kdflax.cache_dir import cache_dir
 from kdflax.convert import pretrained
 from kdflax.convert.timm import convert_state_dict, load_state_dict
 from kdflax.models import registry
@@ -28,9 +29,7 @@ SOURCE_JSON = 'source.json'
 
 def cache_root() -> str:
   """`$KDFLAX_CACHE_DIR/pretrained`, or `~/.cache/kdflax/pretrained`."""
-  root = os.environ.get('KDFLAX_CACHE_DIR') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'kdflax')
-  return os.path.join(root, 'pretrained')
+  return cache_dir('pretrained')
 
 
 def pretrained_model_dir(spec: str, root: str | None = None) -> str:
