@@ -3,8 +3,12 @@
     .venv/bin/python tools/bench_train.py [--rows kd student kd_given] [--size PX]
         [--batches 16 32] [--steps 10] [--warmup 2] [--no-kdflax] [--no-torch]
         [--no-torch-compile] [--compile-timeout 900] [--teacher swin_tiny_patch4_window7_224]
-        [--json PATH]
+        [--teacher-size PX] [--student mobilenetv3_large_100] [--json PATH]
 
+    # the beans recipe's models and sizes (EfficientNet-Lite0 at 128 px -> MobileNetV3-Small
+    # 0.5 at 64 px, batch 32):
+    .venv/bin/python tools/bench_train.py --teacher efficientnet_lite0 --teacher-size 128 \
+        --student mobilenetv3_small_050 --size 64 --batches 32
     # tiny check (kdflax side only, the tiny test Swin):
     .venv/bin/python tools/bench_train.py --size 64 --batches 4 --steps 2 --warmup 1 \
         --teacher swin_test_patch4_window4_64 --no-torch
@@ -14,12 +18,16 @@
 
 Rows (default: all, at the sizes below; `--size` / `--batches` replace a row kind's sizes /
 batch sizes, giving every combination):
-  kd        the distillation step: teacher forward (Swin-T, eval, no gradient) + student
-            forward/backward (MobileNetV3-Large, train mode) + CE + logit KD (T = 4) +
-            attention transfer (Swin stage i output -> MobileNetV3 stage i, i = 0..3, maps
-            mean_c F^2, teacher resized to the student grid, 'l2' map distance) + AdamW;
-            10 classes, loss weights 1 / 1 / 1. 224 px at batch 16 and 32, 112 px at 32.
-  student   the baseline step: MobileNetV3-Large forward/backward + CE + AdamW (224 px, 16, 32).
+  kd        the distillation step: teacher forward (eval, no gradient) + student
+            forward/backward (train mode) + CE + logit KD (T = 4) + attention transfer
+            (teacher stage i -> student stage i, i = 0..3, maps mean_c F^2, teacher resized
+            to the student grid, 'l2' map distance) + AdamW; 10 classes, loss weights
+            1 / 1 / 1. 224 px at batch 16 and 32, 112 px at 32. Teachers: Swin (stage
+            outputs; built for the teacher's size) or EfficientNet-Lite (`efficientnet_lite*`:
+            the stride 4..32 feature maps), at `--teacher-size` (its own random image, as the
+            pipeline's `teacher_image`) or the row's size.
+  student   the baseline step: student (default MobileNetV3-Large) forward/backward + CE +
+            AdamW (224 px, 16, 32).
   kd_given  `kd` with the teacher's outputs given as inputs (what a teacher-output cache
             feeds: logits (B, 10) and the 4 teacher maps at the student grids): no teacher
             forward. Same sizes as `kd`.
@@ -98,7 +106,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--steps', type=int, default=10, help='timed steps')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps after the first')
   parser.add_argument('--teacher', default='swin_tiny_patch4_window7_224',
-                      help='a Swin preset (kdflax registry; timm name on the PyTorch side)')
+                      help='a Swin or efficientnet_lite* preset (kdflax registry; the timm '
+                           'model of that name on the PyTorch side)')
+  parser.add_argument('--teacher-size', type=int,
+                      help="the teacher's image size in kd rows (default: the row's size)")
   parser.add_argument('--student', default='mobilenetv3_large_100')
   parser.add_argument('--kdflax', action=argparse.BooleanOptionalAction, default=True,
                       help='measure the kdflax side')
@@ -147,6 +158,7 @@ def write_class_folder(root: str, images_per_class: int) -> None:
 def make_config(args: argparse.Namespace, cell: Cell, data_root: str):
   """`base_config()` with the benchmark's models, sizes and loss."""
   from kdflax.config import base_config
+  from kdflax.models.registry import model_spec
   config = base_config()
   config.data.root = data_root
   config.data.eval_split = ''
@@ -155,7 +167,9 @@ def make_config(args: argparse.Namespace, cell: Cell, data_root: str):
   config.model.name = args.student
   config.model.image_size = cell.size
   config.teacher.name = args.teacher
-  config.teacher.overrides = {'img_size': cell.size}
+  config.teacher.image_size = teacher_px = args.teacher_size or cell.size
+  if 'img_size' in model_spec(args.teacher).kwargs:  # Swin: built for its input size
+    config.teacher.overrides = {'img_size': teacher_px}
   config.train.num_steps = 1000
   config.train.progress = False
   w_ce, w_kd, w_at = LOSS_WEIGHTS
@@ -212,8 +226,10 @@ def given_teacher_step(config, setup):
   return lambda state, _teacher, batch: jitted(state, batch), grids
 
 
-def random_batch(cell: Cell, grids: list[tuple[int, int]] | None) -> dict[str, np.ndarray]:
-  """A fixed random batch; with `grids`, also cached teacher logits and sqrt(maps)."""
+def random_batch(cell: Cell, grids: list[tuple[int, int]] | None,
+                 teacher_size: int | None = None) -> dict[str, np.ndarray]:
+  """A fixed random batch; with `grids`, also cached teacher logits and sqrt(maps); with a
+  `teacher_size` other than the cell's, a `teacher_image` of that size (the pipeline's)."""
   rng = np.random.default_rng(0)
   batch = {'image': rng.uniform(0, 1, (cell.batch, cell.size, cell.size, 3)).astype(np.float32),
            'label': rng.integers(0, NUM_CLASSES, cell.batch).astype(np.int32)}
@@ -222,6 +238,9 @@ def random_batch(cell: Cell, grids: list[tuple[int, int]] | None) -> dict[str, n
     for i, (h, w) in enumerate(grids):
       maps = rng.uniform(0, 1, (cell.batch, h, w)).astype(np.float32)
       batch[f'teacher_stage{i}'] = np.sqrt(maps)[..., None]
+  if teacher_size and teacher_size != cell.size:
+    shape = (cell.batch, teacher_size, teacher_size, 3)
+    batch['teacher_image'] = rng.uniform(0, 1, shape).astype(np.float32)
   return batch
 
 
@@ -258,7 +277,8 @@ def kdflax_step(args: argparse.Namespace, cell: Cell) -> tuple[Callable, Any, An
   step, grids = setup.train_step, None
   if cell.step == 'kd_given':
     step, grids = given_teacher_step(config, setup)
-  batch = to_global(random_batch(cell, grids), setup.mesh)
+  teacher_size = setup.teacher_size if cell.step == 'kd' else None
+  batch = to_global(random_batch(cell, grids, teacher_size), setup.mesh)
   return step, setup.state, setup.teacher_variables, batch
 
 
@@ -281,6 +301,7 @@ def torch_child_args(args: argparse.Namespace, cell: Cell, compile_: bool) -> li
          '--num-classes', str(NUM_CLASSES), '--temperature', str(TEMPERATURE),
          '--weights', *map(str, LOSS_WEIGHTS), '--lr', str(optim.learning_rate),
          '--weight-decay', str(optim.weight_decay), '--grad-clip', str(optim.grad_clip_norm)]
+  out += ['--teacher-size', str(args.teacher_size)] if args.teacher_size else []
   return out + (['--compile'] if compile_ else [])
 
 
@@ -344,9 +365,11 @@ def versions() -> dict[str, str]:
 def header(args: argparse.Namespace) -> str:
   import jax
   v = ', '.join(f'{k} {val}' for k, val in versions().items())
+  teacher_at = f'{args.teacher_size} px' if args.teacher_size else "the row's size"
   return (f'machine: {os.cpu_count()} CPUs ({cpu_name()}), {platform.platform()}, '
           f'JAX backend {jax.default_backend()}; {v}\n'
-          f'teacher {args.teacher}, student {args.student}, {NUM_CLASSES} classes, '
+          f'teacher {args.teacher} at {teacher_at} (kd rows), '
+          f'student {args.student}, {NUM_CLASSES} classes, '
           f'{args.steps} timed steps after {args.warmup} warm-up')
 
 

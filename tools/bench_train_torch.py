@@ -1,7 +1,7 @@
 """PyTorch/timm half of `tools/bench_train.py`: one train-step timing, one JSON line out.
 
     .venv/bin/python tools/bench_train_torch.py --step kd --size 224 --batch 16 [--compile]
-        [--steps 10] [--warmup 2] [--teacher swin_tiny_patch4_window7_224]
+        [--steps 10] [--warmup 2] [--teacher swin_tiny_patch4_window7_224] [--teacher-size PX]
         [--student mobilenetv3_large_100] [--num-classes 10] [--temperature 4]
         [--lr 1e-3] [--weight-decay 0.05] [--grad-clip 1.0]
 
@@ -14,11 +14,18 @@ The steps mirror kdflax's (see `bench_train.py`), on random weights and a fixed 
             logit KD + attention transfer over 4 stage pairs + gradient clipping + AdamW
   student   student forward/backward + CE + gradient clipping + AdamW
   kd_given  `kd` with the teacher's logits and (student-grid) stage maps given as inputs
-Images are NCHW in [0, 1], normalised inside the step (kdflax models normalise inside too).
+Teachers: timm Swin (stage outputs, NHWC, built at `img_size` = the teacher size) or a timm
+CNN, `efficientnet_lite*` / `mobilenetv3_*` (the stride 4, 8, 16, 32 block outputs of timm's
+`feature_info`, NCHW, as kdflax's `stage0..3`); the student's stages are found the same way.
+Images are NCHW in [0, 1], normalised inside the step (kdflax models normalise inside too;
+ImageNet's mean/std for every model here). With `--teacher-size` other than `--size`, the
+teacher reads its own random image of that size (kdflax's `teacher_image`, which its pipeline
+makes at the teacher's resolution).
 Attention transfer is kdflax's `l2` map distance: maps `mean_c F^2`, the teacher's resized to
 the student grid with kdflax's interpolation (area down, bilinear up; the identity when the
-grids agree, as they do for Swin vs MobileNetV3 stages), flattened, L2-normalised (eps 1e-12),
-squared difference averaged over positions and batch, summed over the pairs.
+grids agree, as they do for Swin vs MobileNetV3 stages at one size), flattened,
+L2-normalised (eps 1e-12), squared difference averaged over positions and batch, summed over
+the pairs.
 `--compile` wraps the loss function (forward passes and losses; AOTAutograd compiles the
 backward) in `torch.compile`; the optimizer step stays eager. Its first step is the compile.
 """
@@ -36,7 +43,8 @@ from collections.abc import Callable
 # TensorFlow, which must not share a process with PyTorch).
 from kdflax.distill.attention import resize_matrix
 
-STUDENT_STAGE_BLOCKS = (1, 2, 4, 6)  # timm MobileNetV3-Large blocks at strides 4, 8, 16, 32
+CNN_TEACHERS = ('efficientnet', 'mobilenetv3')  # timm name prefixes: `cnn_forward` teachers
+STAGE_STRIDES = (4, 8, 16, 32)  # kdflax's stage0..3
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,6 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--compile', action='store_true')
   parser.add_argument('--teacher', default='swin_tiny_patch4_window7_224')
+  parser.add_argument('--teacher-size', type=int, help="the teacher's image size (default: --size)")
   parser.add_argument('--student', default='mobilenetv3_large_100')
   parser.add_argument('--num-classes', type=int, default=10)
   parser.add_argument('--temperature', type=float, default=4.0)
@@ -86,43 +95,83 @@ def kd_loss(student_logits, teacher_logits, temperature: float):
   return temperature**2 * F.kl_div(s, t, log_target=True, reduction='batchmean')
 
 
-def student_forward(model, x):
-  """timm MobileNetV3 forward returning logits and the 4 feature stages (NCHW)."""
-  x = model.bn1(model.conv_stem(x))
-  feats = []
-  for i, block in enumerate(model.blocks):
-    x = block(x)
-    if i in STUDENT_STAGE_BLOCKS:
+def stage_blocks(model) -> tuple[int, ...]:
+  """Indices into `model.blocks` of a timm MobileNetV3 / EfficientNet's stride 4..32 outputs
+  (timm's `feature_info`: MobileNetV3-Large and EfficientNet (1, 2, 4, 6), -Small (0, 1, 3, 5),
+  as kdflax's `FEATURE_STAGES`)."""
+  blocks = tuple(int(f['module'].split('.')[1]) for f in model.feature_info
+                 if f['module'].startswith('blocks.') and f['reduction'] in STAGE_STRIDES)
+  if len(blocks) != len(STAGE_STRIDES):
+    raise ValueError(f'{type(model).__name__}: no stride {STAGE_STRIDES} blocks in feature_info')
+  return blocks
+
+
+def cnn_forward(model) -> Callable:
+  """`forward(x) -> (logits, 4 feature stages (NCHW))` of a timm MobileNetV3 / EfficientNet."""
+  from timm.models.efficientnet import EfficientNet
+  stages = stage_blocks(model)
+  head_conv = isinstance(model, EfficientNet)  # its head conv comes before the pool
+
+  def forward(x):
+    x = model.bn1(model.conv_stem(x))
+    feats = []
+    for i, block in enumerate(model.blocks):
+      x = block(x)
+      if i in stages:
+        feats.append(x)
+    if head_conv:
+      x = model.bn2(model.conv_head(x))
+    return model.forward_head(x), feats
+
+  return forward
+
+
+def is_cnn_teacher(name: str) -> bool:
+  return name.startswith(CNN_TEACHERS)
+
+
+def teacher_forward(model, cnn: bool) -> Callable:
+  """`forward(x) -> (logits, 4 stage maps mean_c F^2 (B, H, W))` of the teacher: timm Swin
+  (stage outputs, NHWC in timm 1.0) or, with `cnn`, a `CNN_TEACHERS` model (NCHW stages)."""
+  if cnn:
+    features = cnn_forward(model)
+
+    def forward(x):
+      logits, feats = features(x)
+      return logits, [f.pow(2).mean(dim=1) for f in feats]
+
+    return forward
+
+  def swin_forward(x):
+    x = model.patch_embed(x)
+    feats = []
+    for layer in model.layers:
+      x = layer(x)
       feats.append(x)
-  return model.forward_head(x), feats
+    return model.forward_head(model.norm(x)), [f.pow(2).mean(dim=-1) for f in feats]
+
+  return swin_forward
 
 
-def teacher_forward(model, x):
-  """timm Swin forward returning logits and the 4 stage outputs (NHWC in timm 1.0)."""
-  x = model.patch_embed(x)
-  feats = []
-  for layer in model.layers:
-    x = layer(x)
-    feats.append(x)
-  return model.forward_head(model.norm(x)), feats
-
-
-def make_loss_fn(args: argparse.Namespace, student, teacher, mean, std) -> Callable:
-  """`loss(images, labels, teacher_logits, teacher_maps) -> scalar` for `args.step`."""
+def make_loss_fn(args: argparse.Namespace, student: Callable, teacher: Callable | None, mean,
+                 std) -> Callable:
+  """`loss(images, labels, teacher_images, teacher_logits, teacher_maps) -> scalar` for
+  `args.step`, given the student's and teacher's forward functions (`cnn_forward`,
+  `teacher_forward`); teacher images None: the teacher reads `images`."""
   import torch
   import torch.nn.functional as F
   w_ce, w_kd, w_at = args.weights
 
-  def loss_fn(images, labels, given_logits=None, given_maps=None):
+  def loss_fn(images, labels, teacher_images=None, given_logits=None, given_maps=None):
     x = (images - mean) / std
-    logits, feats = student_forward(student, x)
+    logits, feats = student(x)
     loss = w_ce * F.cross_entropy(logits, labels)
     if args.step == 'student':
       return loss
     if args.step == 'kd':
+      tx = x if teacher_images is None else (teacher_images - mean) / std
       with torch.no_grad():
-        t_logits, t_feats = teacher_forward(teacher, x)
-        t_maps = [f.pow(2).mean(dim=-1) for f in t_feats]
+        t_logits, t_maps = teacher(tx)
     else:
       t_logits, t_maps = given_logits, given_maps
     loss = loss + w_kd * kd_loss(logits, t_logits, args.temperature)
@@ -154,21 +203,23 @@ def build(args: argparse.Namespace):
                               drop_rate=args.student_drop_rate).train()
   teacher = None
   if args.step == 'kd':
+    size = {} if is_cnn_teacher(args.teacher) else {'img_size': args.teacher_size or args.size}
     teacher = timm.create_model(args.teacher, pretrained=False, num_classes=args.num_classes,
-                                img_size=args.size).eval()
+                                **size).eval()
     teacher.requires_grad_(False)
   cfg = student.pretrained_cfg
   mean = torch.tensor(cfg['mean']).view(1, 3, 1, 1)
   std = torch.tensor(cfg['std']).view(1, 3, 1, 1)
-  loss_fn = make_loss_fn(args, student, teacher, mean, std)
+  forward = teacher_forward(teacher, is_cnn_teacher(args.teacher)) if teacher else None
+  loss_fn = make_loss_fn(args, cnn_forward(student), forward, mean, std)
   if args.compile:
     loss_fn = torch.compile(loss_fn)
   params = list(student.parameters())
   optimizer = make_optimizer(args, student)
 
-  def step(images, labels, given_logits, given_maps):
+  def step(images, labels, teacher_images, given_logits, given_maps):
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(images, labels, given_logits, given_maps)
+    loss = loss_fn(images, labels, teacher_images, given_logits, given_maps)
     loss.backward()
     if args.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -178,14 +229,17 @@ def build(args: argparse.Namespace):
   gen = torch.Generator().manual_seed(1)
   images = torch.rand(args.batch, 3, args.size, args.size, generator=gen)
   labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen)
-  given_logits = given_maps = None
+  teacher_images = given_logits = given_maps = None
+  if args.step == 'kd' and args.teacher_size not in (None, args.size):
+    teacher_images = torch.rand(args.batch, 3, args.teacher_size, args.teacher_size,
+                                generator=gen)
   if args.step == 'kd_given':
     with torch.no_grad():
-      _, feats = student_forward(student.eval(), images[:1])
+      _, feats = cnn_forward(student.eval())(images[:1])
     student.train()
     given_logits = torch.randn(args.batch, args.num_classes, generator=gen)
     given_maps = [torch.rand(args.batch, *f.shape[2:], generator=gen) for f in feats]
-  return step, (images, labels, given_logits, given_maps)
+  return step, (images, labels, teacher_images, given_logits, given_maps)
 
 
 def measure(args: argparse.Namespace) -> dict:
