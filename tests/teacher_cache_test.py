@@ -4,6 +4,7 @@ mismatched cache and of mixup, an interrupted build, and the CLI end to end."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -117,7 +118,7 @@ def _one_line(error):
     ('other teacher', (), 'teacher.variables_sha256'),
     ('other resolution', ('model.overrides.img_size=48',), 'student_image_size'),
     ('other pairs', ('loss.attention.pairs.win.teacher=stage2_attn',), 'targets.attention/win'),
-    ('other dataset', ('data.root={small}',), 'data.root'),
+    ('other dataset', ('data.root={small}',), 'data.num_train'),
     ('other seed', ('seed=3',), 'seed'),
 ])
 def test_a_mismatched_cache_is_refused_in_one_line(built, tmp_path, what, overrides, field):
@@ -130,6 +131,24 @@ def test_a_mismatched_cache_is_refused_in_one_line(built, tmp_path, what, overri
     prepare_stage(config, 'distill', teacher_dir, log_fn=_silent)
   text = _one_line(info.value)
   assert f' {field} is ' in text and cache_dir in text, text
+
+
+def test_the_same_photos_in_another_folder_use_the_cache(built, tmp_path):
+  # What a committed cache meets in a fresh clone: the same files below another root.
+  teacher_dir, cache_dir = built
+  moved = tmp_path / 'moved'
+  shutil.copytree(os.path.abspath(_config().data.root), moved)
+  setup = prepare_stage(_config(f'teacher.cache={cache_dir}', f'data.root={moved}'), 'distill',
+                        teacher_dir, log_fn=_silent)
+  assert setup.teacher_cache is not None
+  # ... but not when one photo of the train split differs.
+  victim = sorted(glob.glob(str(moved / 'train' / '*' / '*')))[0]
+  with open(victim, 'ab') as f:
+    f.write(b'\0')
+  with pytest.raises(CacheError) as info:
+    prepare_stage(_config(f'teacher.cache={cache_dir}', f'data.root={moved}'), 'distill',
+                  teacher_dir, log_fn=_silent)
+  assert ' data.files_sha256 is ' in _one_line(info.value)
 
 
 class Killed(Exception):

@@ -6,7 +6,8 @@
 
 A cache is usable by a run when its manifest's `fingerprint` equals the run's: the teacher
 (model, classes, overrides, a digest of its variables), both resolutions, the compute dtype,
-the stored teacher targets, the train split, the seed, K and the augmentation.
+the stored teacher targets, the train split (its files below the root, labels and sizes, not
+where the root is), the seed, K and the augmentation.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from kdflax.train.teacher_cache.format import FORMAT
 
 AUGMENTATION_KEYS = ('augment', 'crop_scale', 'crop_ratio', 'flip', 'randaugment_ops',
                      'randaugment_magnitude', 'eval_crop_fraction')
-DATA_KEYS = ('source', 'root', 'name', 'data_dir', 'class_prefix', 'hash_split',
-             'hash_fractions', 'train_split')
+# Not the folder's path: `data.files_sha256` (paths below the root, labels, sizes) names the
+# photos, so a cache stays valid when the data (or a clone of the repository) moves.
+DATA_KEYS = ('source', 'name', 'data_dir', 'class_prefix', 'hash_split', 'hash_fractions',
+             'train_split')
 
 
 def variables_digest(variables: Mapping[str, Any]) -> str:
@@ -106,8 +109,6 @@ def expected_fingerprint(config: ml_collections.ConfigDict, teacher: Mapping[str
   """
   data = config.data
   data_fields = {k: _plain(data[k]) for k in DATA_KEYS}
-  if data.source == 'folder':
-    data_fields['root'] = os.path.abspath(os.path.expanduser(data.root))
   data_fields.update(labels=list(labels), num_train=len(records),
                      files_sha256=records_digest(records))
   return {
