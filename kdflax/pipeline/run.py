@@ -4,7 +4,9 @@
 
 Stages run in `WORKDIR/{teacher,student,distill}` (each resumes from its own checkpoints; a
 stage finished with the same config is not rebuilt). With `config.teacher.checkpoint` the
-teacher stage is skipped and the given teacher is scored. The distilled student's best model
+teacher stage is skipped and the given teacher is scored; with `config.teacher.cache` (and no
+checkpoint) it is skipped too and the distilled student trains from the cache's teacher
+outputs (the teacher's row shows the score the cache recorded). The distilled student's best model
 is exported to `WORKDIR/export/` at each of `config.export.precisions`, calibrated on the
 train split and scored on the eval split of the configured source (image folders or TFDS);
 with `config.export.qat.epochs > 0` its int8 file comes from a quantisation-aware fine-tune
@@ -146,6 +148,26 @@ def given_teacher_row(config, teacher_dir: str) -> dict[str, Any]:
           'detail': f'{info.image_size}px, {teacher_dir}'}
 
 
+def cached_teacher_row(config) -> dict[str, Any]:
+  """The results row of the teacher behind `config.teacher.cache` (no teacher stage runs):
+  its model and cost as the cache recorded them, its top-1 as measured when it was built."""
+  from kdflax.models import complexity
+  from kdflax.train.checkpoint import ModelInfo
+  from kdflax.train.teacher_cache import TeacherCache
+
+  cache = TeacherCache(config.teacher.cache)
+  recorded = cache.fingerprint['teacher']
+  size = int(cache.fingerprint['teacher_image_size'])
+  info = ModelInfo(recorded['model'], int(recorded['num_classes']), size,
+                   overrides=dict(recorded.get('overrides', {})))
+  cost = complexity.model_complexity(info.create()[0], size)
+  score = cache.manifest.get('teacher_eval') or {}
+  return {'stage': 'teacher (cached outputs)', 'model': info.model, 'params': cost['params'],
+          'gmacs': cost['gmacs'], 'top1': score.get('top1'), 'top5': score.get('top5'),
+          'detail': f'{size}px; {cache.num_views} views per train image from '
+                    f'{os.path.relpath(cache.directory)}'}
+
+
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str, log=print
                  ) -> list[dict[str, Any]]:
   """Runs every stage (see the module docstring); returns the results rows."""
@@ -153,7 +175,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, log=print
   start = time.perf_counter()
   rows = []
   teacher_dir = config.teacher.checkpoint
-  if not teacher_dir:
+  if not teacher_dir and config.teacher.cache:
+    log(f'[teacher] outputs from the teacher cache {config.teacher.cache} (config.teacher.cache)')
+    rows.append(cached_teacher_row(config))
+  elif not teacher_dir:
     summary = run_stage(config, os.path.join(workdir, 'teacher'), 'teacher', log_fn=log)
     rows.append(_row('teacher', summary))
     teacher_dir = summary['model_dir']

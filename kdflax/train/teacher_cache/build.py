@@ -195,6 +195,16 @@ def _write_manifest(directory: str, manifest: Mapping[str, Any]) -> None:
     os.fsync(f.fileno())
 
 
+def teacher_eval(config: ml_collections.ConfigDict, teacher_dir: str) -> dict[str, Any] | None:
+  """`{'split', 'top1', 'top5', 'count'}` of the teacher on `config.data.eval_split` (None
+  without one): what a run that only has the cache reports as its teacher's accuracy."""
+  if not config.data.eval_split:
+    return None
+  from kdflax.train.evaluation import evaluate_model_dir
+  metrics = evaluate_model_dir(teacher_dir, config)
+  return {k: metrics.get(k) for k in ('split', 'top1', 'top5', 'count')}
+
+
 def build_cache(config: ml_collections.ConfigDict, out: str, teacher_dir: str | None = None,
                 views: int = 4, batch_size: int = 0, shard_images: int = 0,
                 log_fn: Callable[[str], None] = print,
@@ -240,7 +250,8 @@ def build_cache(config: ml_collections.ConfigDict, out: str, teacher_dir: str | 
               'arrays': {k: list(v) for k, v in plan.shapes.items()},
               'unreadable_images': sorted(writer.unreadable), 'fingerprint': plan.fingerprint,
               'teacher_dir': os.path.abspath(plan.source),
-              'build_seconds': round(time.perf_counter() - t0, 2)}
+              'build_seconds': round(time.perf_counter() - t0, 2),
+              'teacher_eval': teacher_eval(config, plan.source)}
   _write_manifest(tmp, manifest)
   atomic.replace_dir(tmp, out)
   unreadable = writer.unreadable
