@@ -78,3 +78,36 @@ def test_tiny_matrix_runs_exports_and_resumes(tmp_path):
   assert sum('done before' in line for line in logs) == 2
   assert not any(tag in line for line in logs for tag in ('[distill]', '[student]', '[teacher]'))
   assert again['teacher_val_top1'] == result['teacher_val_top1']
+
+
+def test_a_cached_matrix_runs_the_teacher_once_per_seed(tmp_path):
+  overrides = [
+      f'--config.data.root={os.path.join(ROOT, "data", "beans_sample")}',
+      '--config.model.name=mobilenetv3_small_050', '--config.model.image_size=32',
+      '--config.train.num_steps=2', '--config.train.eval_every=2',
+      '--config.train.checkpoint_every=2', '--config.teacher.train.num_steps=2',
+      '--config.export.enabled=True', '--config.export.calibration_images=8',
+      '--config.loss.kd.weight=1.0']
+  config = load_config(os.path.join(ROOT, 'tests', 'configs', 'tiny.py'), overrides)
+  workdir = str(tmp_path / 'matrix')
+  logs = []
+  result = matrix.run_matrix(config, workdir, ['baseline', 'kd', 'dkd'], [0], log=logs.append,
+                             cache_views=2)
+  assert [(r['method'], r['teacher']) for r in result['rows']] == [
+      ('baseline', 'live'), ('kd', 'cache'), ('dkd', 'cache')]
+  with open(os.path.join(workdir, 'cache_s0', 'manifest.json')) as f:
+    manifest = json.load(f)
+  assert manifest['views'] == 2 and manifest['fingerprint']['seed'] == 0
+  assert sum('teacher cache for seed 0' in line for line in logs) == 1
+  # Each cached row trained from that cache (the stage logs name it), not the live teacher.
+  assert sum(f'from the cache {os.path.join(workdir, "cache_s0")}' in line
+             for line in logs) == 2, logs
+
+
+def test_ce_at_weight_0_stays_off_only_beside_a_logit_term():
+  config = base_config()
+  config.loss.ce.weight = 0.0
+  config.loss.attention.pairs = {'s0': {'teacher': 'stage0', 'student': 'stage0'}}
+  weight = {m: matrix.method_config(config, m, 0).loss.ce.weight
+            for m in ('baseline', 'kd', 'dkd', 'at', 'hybrid')}
+  assert weight == {'baseline': 1.0, 'kd': 0.0, 'dkd': 0.0, 'at': 1.0, 'hybrid': 0.0}
