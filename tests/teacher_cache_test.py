@@ -227,3 +227,16 @@ def test_building_a_cache_with_mixup_or_cutmix_is_refused(built, tmp_path):
       build_cache(_config(override), str(tmp_path / 'c'), teacher_dir, log_fn=_silent)
     assert 'mixup' in _one_line(info.value)
   assert not os.path.exists(tmp_path / 'c')
+
+
+def test_a_pipeline_with_only_a_cache_reports_the_teacher_the_cache_recorded(built):
+  from kdflax.pipeline.run import cached_teacher_row
+  teacher_dir, cache_dir = built
+  with open(os.path.join(cache_dir, MANIFEST)) as f:
+    recorded = json.load(f)['teacher_eval']
+  # The build scored its teacher on the eval split, as `kdflax eval` does.
+  from kdflax.train.evaluation import evaluate_model_dir
+  assert recorded['top1'] == evaluate_model_dir(teacher_dir, _config())['top1']
+  row = cached_teacher_row(_config(f'teacher.cache={cache_dir}'))
+  assert (row['model'], row['top1']) == (TEACHER, recorded['top1']) and row['params'] > 0
+  assert f'{VIEWS} views per train image' in row['detail']
