@@ -20,4 +20,7 @@ def get_config(base: str = 'plantvillage_tomato_swin_l_mnv3'):
   config.data.prefetch = 4
   config.train.log_every = 50
   config.teacher.train.log_every = 50
+  # On an accelerator the teacher runs live at every step: a committed teacher cache (the
+  # 2-core demo's) was computed in float32 and would be refused here.
+  config.teacher.cache = ''
   return config

@@ -5,9 +5,11 @@
 1. A table of the presets that matter here (params, GMACs, resolution, CPU ms/image on bundled
    leaf photos for the small ones, the maps each model sows for distillation).
 2. `kdflax pipeline` on real bean-leaf photos (`configs/quickstart.py`: the whole iBean train
-   and val splits at 128 px): the teacher (EfficientNet-Lite0 fine-tuned in the run from its
-   ImageNet weights), the baseline student, the distilled student, export to `.tflite`,
-   results table.
+   and val splits at 128 px): the baseline student, the student distilled from an
+   EfficientNet-Lite0 fine-tuned from its ImageNet weights (its outputs on the student's
+   crops come from the committed teacher cache `results/beans/teacher_cache/`, which is how
+   the demo fits in 10 minutes on 2 cores; `--config.teacher.cache=''` fine-tunes and runs
+   the teacher here instead), export to `.tflite`, results table.
 3. One line comparing the distilled student with the baseline on the validation photos, and
    the mean and spread over seeds of the same recipe (`results/beans/results.json`, one run
    is one seed).
