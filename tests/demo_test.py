@@ -33,3 +33,6 @@ def test_seeds_note_reads_a_matrix_summary(tmp_path):
   path.write_text(json.dumps({'summary': matrix.summarize(rows)}))
   assert demo.seeds_note(str(path)).endswith(', +1.0 points: inside the spread over seeds')
   assert 'no seed summary' in demo.seeds_note(str(tmp_path / 'missing.json'))
+  one = [r for r in rows if r['seed'] == 0]
+  path.write_text(json.dumps({'summary': matrix.summarize(one)}))
+  assert demo.seeds_note(str(path)).endswith('val top-1: one seed, no spread to compare with')

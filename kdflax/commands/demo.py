@@ -66,7 +66,9 @@ def seeds_note(path: str = SEEDS_FILE) -> str:
   seeds = summary.get('kd', {}).get('n', 0)
   note = (f'over {seeds} seeds ({os.path.relpath(path, ROOT)}): ' + ', '.join(parts) +
           ' val top-1')
-  if len(stats) == 2:  # is the mean difference larger than the larger of the two stds?
+  if len(stats) == 2 and min(summary['baseline'].get('n', 0), seeds) < 2:
+    note += ': one seed, no spread to compare with'
+  elif len(stats) == 2:  # is the mean difference larger than the larger of the two stds?
     delta = 100 * (stats[1]['mean'] - stats[0]['mean'])
     spread = 100 * max(stats[0]['std'] or 0.0, stats[1]['std'] or 0.0)
     note += (f', {delta:+.1f} points: inside the spread over seeds' if abs(delta) <= spread
