@@ -194,7 +194,9 @@ def test_every_process_stops_at_the_same_step(tmp_path):
     pathlib.Path(f'{marker}.go').write_text('go')
   lines = [finish(proc, 143)[1] for proc in procs]
   step = committed_steps(str(workdir))[-1]
-  assert 3 < step < 400 and committed_steps(str(workdir)) == [step]
+  # The notice reaches the processes while they are held at step 3: the step they agree on
+  # may be that one (seen on a loaded machine) or a later one, but it is one step for both.
+  assert 3 <= step < 400 and committed_steps(str(workdir)) == [step]
   for line in lines:
     assert line.startswith('kdflax student: stopped with the other processes on a preemption '
                            f'notice (SIGTERM) at step {step} of 400 (stage student); '
