@@ -50,7 +50,8 @@ def test_summary_is_mean_and_sample_std_per_method():
   assert '| baseline | 0 | 70.0 +- 0.0 | - |' in table
 
 
-def test_tiny_matrix_runs_exports_and_resumes(tmp_path):
+def _tiny_config():
+  """tests/configs/tiny.py on the bundled beans sample: 2 steps per stage, int8 export on."""
   overrides = [
       f'--config.data.root={os.path.join(ROOT, "data", "beans_sample")}',
       '--config.model.name=mobilenetv3_small_050', '--config.model.image_size=32',
@@ -58,7 +59,11 @@ def test_tiny_matrix_runs_exports_and_resumes(tmp_path):
       '--config.train.checkpoint_every=2', '--config.teacher.train.num_steps=2',
       '--config.export.enabled=True', '--config.export.calibration_images=8',
       '--config.loss.kd.weight=1.0']
-  config = load_config(os.path.join(ROOT, 'tests', 'configs', 'tiny.py'), overrides)
+  return load_config(os.path.join(ROOT, 'tests', 'configs', 'tiny.py'), overrides)
+
+
+def test_tiny_matrix_runs_exports_and_resumes(tmp_path):
+  config = _tiny_config()
   workdir = str(tmp_path / 'matrix')
   logs = []
   result = matrix.run_matrix(config, workdir, ['baseline', 'kd'], [0], log=logs.append)
@@ -81,14 +86,7 @@ def test_tiny_matrix_runs_exports_and_resumes(tmp_path):
 
 
 def test_a_cached_matrix_runs_the_teacher_once_per_seed(tmp_path):
-  overrides = [
-      f'--config.data.root={os.path.join(ROOT, "data", "beans_sample")}',
-      '--config.model.name=mobilenetv3_small_050', '--config.model.image_size=32',
-      '--config.train.num_steps=2', '--config.train.eval_every=2',
-      '--config.train.checkpoint_every=2', '--config.teacher.train.num_steps=2',
-      '--config.export.enabled=True', '--config.export.calibration_images=8',
-      '--config.loss.kd.weight=1.0']
-  config = load_config(os.path.join(ROOT, 'tests', 'configs', 'tiny.py'), overrides)
+  config = _tiny_config()
   workdir = str(tmp_path / 'matrix')
   logs = []
   result = matrix.run_matrix(config, workdir, ['baseline', 'kd', 'dkd'], [0], log=logs.append,
