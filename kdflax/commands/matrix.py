@@ -21,7 +21,8 @@
 With `--cache_views K` the teacher runs once per seed over K augmented views of every train
 image (`WORKDIR/cache_s<seed>`, `kdflax cache-teacher`'s format, holding what every method of
 the seed reads) and each distillation row trains from that cache (docs/teacher_cache.md); with
-K >= the number of epochs no crop repeats. Rows record `teacher`: `live` or `cache`.
+K >= the number of epochs no crop repeats. Rows record `teacher`: `none` (baseline), `live`
+or `cache`.
 
 Resumable: a finished row is stored in `WORKDIR/rows/<method>_s<seed>.json` and never
 retrained; an unfinished one resumes from its checkpoints.

@@ -138,8 +138,11 @@ def run_row(config, workdir: str, method: str, seed: int, teacher_dir: str,
   exported = export_stage(row_config, summary['model_dir'], os.path.join(run_dir, 'export'),
                           log)
   int8 = next((r for r in exported if 'int8' in r['stage']), {})
-  return {'method': method, 'seed': int(seed),
-          'teacher': 'cache' if cache and method != 'baseline' else 'live',
+  if method == 'baseline':
+    teacher = 'none'
+  else:
+    teacher = 'cache' if row_config.teacher.cache else 'live'
+  return {'method': method, 'seed': int(seed), 'teacher': teacher,
           'val_top1': summary.get('best', {}).get('top1'),
           'int8_val_top1': int8.get('top1'),
           'tflite': os.path.join(run_dir, 'export', int8['model']) if int8 else None,
