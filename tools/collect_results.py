@@ -106,7 +106,7 @@ def row_table(rows: Sequence[dict[str, Any]]) -> str:
   lines = ['| method | seed | teacher | JAX | int8 | int8 detail | wall s |',
            '|---|---:|---|---:|---:|---|---:|']
   for r in rows:
-    detail = (r.get('int8_detail') or '').split('; ', 1)[-1]
+    detail = (r.get('int8_detail') or '').split('; ', 1)[-1].replace('|', '\\|')
     lines.append(f"| {r['method']} | {r['seed']} | {r.get('teacher', '-')} | "
                  f"{pct(r['val_top1'])} | {pct(r.get('int8_val_top1'))} | {detail} | "
                  f"{r.get('wall_s', 0):.0f} |")
