@@ -97,15 +97,8 @@ def main() -> None:
   fn = serving_function(module, variables, 'uint8')
   holder, concrete = conv._concrete_function(fn, size, 1, 'uint8', 'probabilities')  # noqa: SLF001
   converter = conv._tflite_converter(holder, concrete, 'int8', 1, 'uint8', calibration)  # noqa: SLF001
-  calibrated = int8_ranges.calibrated_model(converter)
-  ranged = calibrated
-  if args.activation_percentile < 100:
-    samples = int8_ranges.activation_samples(
-        calibrated, int8_ranges._calibration_batches(converter))  # noqa: SLF001
-    ranged = int8_ranges.with_ranges(
-        calibrated, int8_ranges.percentile_ranges(samples, args.activation_percentile))
-  int8 = int8_ranges.quantize(ranged, converter.inference_input_type,
-                              converter.inference_output_type)
+  calibrated = int8_ranges.calibrated_model(converter)  # the float twin, with its min/max
+  int8 = int8_ranges.quantize_with_percentile_ranges(converter, args.activation_percentile)
   rows, agreement = tensor_errors(calibrated, int8, images)
   print('| tensor | relative RMS error | scale | name |\n|---:|---:|---:|---|')
   for index, name, error, scale in rows:
