@@ -56,7 +56,8 @@ def get_config():
   config.loss.kd.temperature = 1.0
   # Stage i of the teacher (strides 4-32) pairs with stage i of the student: at 128 / 64 px
   # the grids are 32..4 and 16..2 tokens a side, resized to the student's (the paper's
-  # resolution-aligned maps). Weights of 0 here: `kdflax matrix` switches each method's on.
+  # resolution-aligned maps). `kdflax matrix` switches the map and manifold terms on or off
+  # per method; `kdflax distill` with this file uses the maps at the weight below.
   pairs = {f'stage{i}': {'teacher': f'stage{i}', 'student': f'stage{i}'} for i in range(4)}
   config.loss.attention.pairs = pairs
   # Attention transfer's L2-normalised maps at weight 5 (about half the KD loss at the start).

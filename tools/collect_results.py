@@ -20,7 +20,6 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import statistics
 import sys
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from kdflax import atomic  # noqa: E402
 from kdflax.pipeline.matrix import METHODS, format_summary, summarize  # noqa: E402
 
 
@@ -76,9 +76,10 @@ def copy_model(tflite: str, out_dir: str, name: str) -> str:
   """Copies `tflite` (+ `.labels.txt`, `.report.json/.md`) to `out_dir/name.*`; the new name."""
   stem, new_stem = tflite[:-len('.tflite')], os.path.join(out_dir, name)
   old_file, new_file = os.path.basename(tflite), name + '.tflite'
-  shutil.copyfile(tflite, new_stem + '.tflite')
-  if os.path.exists(stem + '.labels.txt'):
-    shutil.copyfile(stem + '.labels.txt', new_stem + '.labels.txt')
+  for suffix in ('.tflite', '.labels.txt'):
+    if os.path.exists(stem + suffix):
+      with open(stem + suffix, 'rb') as f:
+        atomic.write_bytes(new_stem + suffix, f.read())
   with open(stem + '.report.json') as f:
     report = json.load(f)
   report['exports'] = [e for e in report['exports'] if e['file'] == old_file]
@@ -87,15 +88,13 @@ def copy_model(tflite: str, out_dir: str, name: str) -> str:
   if report.get('eval_source'):
     folder, split = report['eval_source'].rsplit(' ', 1)
     report['eval_source'] = f'{_relative(folder)} {split}'
-  with open(new_stem + '.report.json', 'w') as f:
-    json.dump(report, f, indent=1)
+  atomic.write_json(new_stem + '.report.json', report, indent=1)
   with open(stem + '.report.md') as f:
     text = f.read()
   lines = [line for line in text.splitlines()
            if not line.startswith('| ') or old_file in line or 'precision' in line
            or line.startswith('|---')]
-  with open(new_stem + '.report.md', 'w') as f:
-    f.write('\n'.join(lines).replace(old_file, new_file) + '\n')
+  atomic.write_text(new_stem + '.report.md', '\n'.join(lines).replace(old_file, new_file) + '\n')
   return new_file
 
 
@@ -150,8 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             'command': args.command, 'teacher': teacher,
             'teacher_val_top1': teacher['seeds'][0]['val_top1'], 'rows': rows,
             'summary': summary, 'committed': committed}
-  with open(os.path.join(args.out, 'results.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  atomic.write_json(os.path.join(args.out, 'results.json'), result, indent=1)
   seeds = ', '.join(f"seed {s['seed']} {100 * s['val_top1']:.1f}" for s in teacher['seeds'])
   text = [f'# {args.title}', '', format_summary(summary), '',
           f'val top-1 in %, mean +- sample std over seeds ({args.split}). Teacher '
@@ -162,8 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   text += [row_table(rows), '']
   if committed:
     text += [f"Committed: {', '.join(committed)} (first seed, labels inside).", '']
-  with open(os.path.join(args.out, 'results.md'), 'w') as f:
-    f.write('\n'.join(text))
+  atomic.write_text(os.path.join(args.out, 'results.md'), '\n'.join(text))
   print(f'{args.out}: {len(rows)} rows, committed {committed}')
 
 
